@@ -47,7 +47,13 @@ def save(
     """Saves ``state`` at ``step`` (asynchronously); ``metrics`` (with ``top1``) ranks it."""
     if step in manager.all_steps():
         return
-    manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics, force=True)
+    manager.save(step, args=ocp.args.StandardSave(_savable(state)), metrics=metrics, force=True)
+
+
+def _savable(state: Any) -> Any:
+    """With several processes, pmap's replicated outputs are host-local arrays, which Orbax
+    cannot serialise; they are identical everywhere, so their host copy is saved instead."""
+    return jax.device_get(state) if jax.process_count() > 1 else state
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int | None]:
@@ -62,7 +68,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int
 
 
 def restore(manager: ocp.CheckpointManager, state: Any, step: int) -> Any:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _savable(state))
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 

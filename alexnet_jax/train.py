@@ -164,20 +164,30 @@ def eval_step(
     return lax.psum(sums, AXIS)
 
 
-def make_steps(config: ml_collections.ConfigDict, learning_rate_fn: Callable):
-    """The pmap-ed train and eval steps: state unreplicated in, replicated out; state donated."""
+def make_steps(
+    config: ml_collections.ConfigDict, learning_rate_fn: Callable, devices: list | None = None
+):
+    """The pmap-ed train and eval steps: state unreplicated in, replicated out; state donated.
+
+    ``devices`` defaults to every local device. The state is donated in single-process runs
+    only: on jax 0.10, donating an ``in_axes=None`` argument to a multi-process pmap deletes
+    it before use ("Array has been deleted"), so several processes keep the extra copy.
+    """
+    donate = (0,) if jax.process_count() == 1 else ()
     p_train_step = jax.pmap(
         functools.partial(train_step, learning_rate_fn=learning_rate_fn, config=config),
         axis_name=AXIS,
         in_axes=(None, 0),
         out_axes=(None, None),
-        donate_argnums=(0,),
+        donate_argnums=donate,
+        devices=devices,
     )
     p_eval_step = jax.pmap(
         functools.partial(eval_step, config=config),
         axis_name=AXIS,
         in_axes=(None, 0),
         out_axes=None,
+        devices=devices,
     )
     return p_train_step, p_eval_step
 

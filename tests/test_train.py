@@ -1,0 +1,295 @@
+"""The train step and the training loop: learning, devices, resume, preemption, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import checkpointing, input_pipeline, optim, train
+from alexnet_jax.config_checks import ConfigError, validate_config
+from alexnet_jax.metrics import read_metrics
+from configs import default
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**overrides):
+    """The default digits run, made small: 67x67, batch 16, a handful of steps."""
+    config = default.get_config()
+    config.batch_size = 16
+    config.eval_batch_size = 40
+    config.num_train_steps = 6
+    config.eval_every_epochs = 100.0  # evaluate at the end only
+    config.log_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.progress_bar = False
+    config.async_checkpointing = False
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return config
+
+
+def fixed_batch(num_devices, per_device=4, size=67, seed=0):
+    images, labels = input_pipeline.load_digits(size)
+    chosen = np.random.default_rng(seed).choice(len(labels), num_devices * per_device, False)
+    return input_pipeline.shard({"image": images[chosen], "label": labels[chosen]}, num_devices)
+
+
+def new_state(config, seed=0):
+    model = train.create_model(config, 10)
+    return train.create_train_state(jax.random.PRNGKey(seed), config, model, (67, 67, 1))
+
+
+def test_train_step_lowers_the_loss_on_a_fixed_batch():
+    config = small_config(**{"model.dropout_rate": 0.0})
+    p_train, _ = train.make_steps(config, optim.create_learning_rate_fn(config, 10))
+    batch = fixed_batch(jax.local_device_count())
+    state = new_state(config)
+    losses = []
+    for _ in range(8):
+        state, metrics = p_train(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert int(state.step) == 8
+
+
+def test_one_and_four_devices_give_the_same_update():
+    """The same global batch of 16 on 1 device or 4 devices x 4: the same parameters."""
+    assert jax.local_device_count() >= 4, "conftest forces 4 CPU devices"
+    config = small_config(**{"model.dropout_rate": 0.0})
+    lr_fn = optim.create_learning_rate_fn(config, 10)
+    global_batch = fixed_batch(1, per_device=16)
+    results = []
+    for devices in (jax.local_devices()[:1], jax.local_devices()[:4]):
+        p_train, _ = train.make_steps(config, lr_fn, devices=devices)
+        batch = {k: v.reshape((len(devices), -1) + v.shape[2:]) for k, v in global_batch.items()}
+        state = new_state(config)
+        for _ in range(3):
+            state, metrics = p_train(state, batch)
+        results.append((jax.device_get(state.params), float(metrics["loss"])))
+    chex.assert_trees_all_close(results[0][0], results[1][0], rtol=2e-4, atol=2e-6)
+    assert results[0][1] == pytest.approx(results[1][1], rel=1e-5)
+
+
+def test_each_device_draws_its_own_dropout_mask():
+    """Identical data on every device must still give different dropout masks per device."""
+    config = small_config()
+    state = new_state(config)
+    batch = fixed_batch(1, per_device=4)
+    same_everywhere = {k: np.repeat(v, 4, axis=0) for k, v in batch.items()}
+
+    def per_device_loss(state, batch):
+        rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0), jax.lax.axis_index("batch"))
+        logits = state.apply_fn(
+            {"params": state.params}, batch["image"], train=True, rngs={"dropout": rng}
+        )
+        return train.classification_metrics(logits, batch["label"])["loss"].mean()
+
+    losses = jax.pmap(per_device_loss, axis_name="batch", in_axes=(None, 0))(state, same_everywhere)
+    assert len(set(np.asarray(losses).round(6).tolist())) == 4
+
+
+def test_batch_that_does_not_divide_over_devices_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size=18 does not divide evenly over 4 devices"):
+        validate_config(small_config(batch_size=18), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"dataset": "imagenet"}, "config.dataset='imagenet'"),
+        ({"image_size": 60}, "config.image_size=60: variant 'paper' needs at least 67"),
+        ({"model.variant": "resnet"}, "config.model.variant='resnet'"),
+        ({"lr_schedule": "cyclic"}, "config.lr_schedule='cyclic'"),
+        ({"momentum": 1.5}, "config.momentum=1.5"),
+        ({"dataset": "image_folder", "data_dir": ""}, "config.data_dir is empty"),
+        ({"dataset": "image_folder", "data_dir": "/nonexistent/x"}, "is not a directory"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_config(small_config(**overrides), str(tmp_path))
+
+
+def test_unwritable_workdir_is_rejected_before_compute(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="workdir .* is not writable"):
+        train.train_and_evaluate(small_config(), str(blocker / "run"))
+
+
+def run_main(workdir, *flags, env=None, wait=True):
+    command = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}", *flags]
+    full_env = dict(os.environ, **(env or {}))
+    if wait:
+        return subprocess.run(
+            command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300
+        )
+    return subprocess.Popen(
+        command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def test_unknown_field_and_wrong_type_are_rejected_by_main(tmp_path):
+    result = run_main(tmp_path / "w", "--config.no_such_field=3")
+    assert result.returncode != 0 and "no_such_field" in result.stderr
+    result = run_main(tmp_path / "w", "--config.batch_size=big")
+    assert result.returncode != 0 and "batch_size" in result.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+SMALL_FLAGS = (
+    "--config.batch_size=16",
+    "--config.eval_batch_size=40",
+    "--config.num_train_steps=8",
+    "--config.eval_every_epochs=100",
+    "--config.log_every_steps=2",
+    "--config.checkpoint_every_steps=2",
+    "--config.progress_bar=False",
+)
+
+
+def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path):
+    """Killed (SIGKILL) after its first checkpoint and rerun, a run ends as if never stopped."""
+    reference = train.train_and_evaluate(
+        small_config(num_train_steps=8), str(tmp_path / "reference")
+    )
+
+    workdir = tmp_path / "killed"
+    process = run_main(workdir, *SMALL_FLAGS, "--config.async_checkpointing=False", wait=False)
+    deadline = time.time() + 240
+    while not (workdir / "checkpoints" / "4").exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert steps and steps[-1] < 8, steps
+
+    result = run_main(workdir, *SMALL_FLAGS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming from the checkpoint at step {steps[-1]}" in result.stderr
+    final = [r for r in read_metrics(str(workdir)) if r["split"] == "eval"][-1]
+    assert final["step"] == 8
+    for key in ("loss", "top1", "top5"):
+        assert final[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-7), key
+
+
+def test_in_process_resume_gives_identical_parameters(tmp_path):
+    """Stopping at step 3 and continuing to 6 reproduces the parameters of a straight run."""
+    straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+    train.train_and_evaluate(small_config(num_train_steps=6), straight)
+    train.train_and_evaluate(small_config(num_train_steps=3), stopped)
+    train.train_and_evaluate(small_config(num_train_steps=6), stopped)
+    config = small_config()
+    template = new_state(config)
+    params = []
+    for workdir in (straight, stopped):
+        manager = checkpointing.create_manager(workdir, config)
+        params.append(checkpointing.restore(manager, template, 6).params)
+        manager.close()
+    chex.assert_trees_all_equal(params[0], params[1])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "preempted"
+    process = run_main(
+        workdir,
+        *SMALL_FLAGS[:2],
+        "--config.num_train_steps=100000",
+        "--config.log_every_steps=1",
+        "--config.progress_bar=False",
+        wait=False,
+    )
+    deadline = time.time() + 240
+    while not (workdir / "metrics.jsonl").exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output[-3000:]
+    assert "Stopped by SIGTERM after step" in output
+    stopped_at = int(output.split("Stopped by SIGTERM after step ")[1].split(";")[0])
+    assert os.path.isdir(workdir / "checkpoints" / str(stopped_at))
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = small_config(
+        learning_rate=1e8, num_train_steps=40, checkpoint_every_steps=1, log_every_steps=5
+    )
+    with pytest.raises(train.NonFiniteLossError, match=r"became NaN/inf at step \d+") as error:
+        train.train_and_evaluate(config, str(tmp_path))
+    bad_step = int(str(error.value).split("at step ")[1].split(" ")[0])
+    manager = checkpointing.create_manager(str(tmp_path), config)
+    latest = manager.latest_step()
+    assert latest is not None and latest < bad_step
+    state = checkpointing.restore(manager, new_state(config), latest)
+    leaves = jax.tree_util.tree_leaves(state.params)
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
+
+
+def test_metrics_file_records_train_and_eval(tmp_path):
+    result = train.train_and_evaluate(small_config(), str(tmp_path))
+    records = read_metrics(str(tmp_path))
+    assert [r["split"] for r in records] == ["train"] * 3 + ["eval"]
+    for record in records:
+        assert {"step", "epoch", "split", "loss", "top1", "top5", "lr", "img_per_s"} <= set(record)
+        assert 0.0 <= record["top1"] <= record["top5"] <= 1.0
+    assert records[-1]["top1"] == pytest.approx(result["top1"])
+    assert records[-1]["lr"] == pytest.approx(0.01)
+    assert any(name.startswith("events") for name in os.listdir(tmp_path / "tensorboard"))
+    assert json.loads((tmp_path / "config.json").read_text())["batch_size"] == 16
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_with_all_devices(tmp_path):
+    """2 processes x 2 CPU devices on 127.0.0.1 end where 1 process x 4 devices ends."""
+    flags = (*SMALL_FLAGS, "--config.distributed=yes")
+    single = run_main(tmp_path / "single", *SMALL_FLAGS)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    port = free_port()
+    workdir = tmp_path / "multi"
+    processes = [
+        run_main(
+            workdir,
+            *flags,
+            env={
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+            wait=False,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    for p, out in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    assert "2 processes, 4 devices (2 local" in outputs[0]
+    multi = read_metrics(str(workdir))  # written by process 0 alone: one record per event
+    single_records = read_metrics(str(tmp_path / "single"))
+    assert [r["step"] for r in multi] == [r["step"] for r in single_records]
+    for key in ("loss", "top1", "top5"):
+        assert multi[-1][key] == pytest.approx(single_records[-1][key], rel=1e-4, abs=1e-6)
