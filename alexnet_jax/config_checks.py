@@ -9,7 +9,7 @@ import ml_collections
 
 from alexnet_jax import input_pipeline, model, optim
 
-NORMALIZATIONS = ("mean_std", "mean", "none")
+NORMALIZATIONS = ("mean_std", "mean", "unit", "none")
 DISTRIBUTED = ("auto", "yes", "no")
 
 

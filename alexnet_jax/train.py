@@ -82,6 +82,8 @@ def normalize_images(images: jax.Array, config: ml_collections.ConfigDict) -> ja
         images = images - jnp.asarray(config.input.mean_rgb[:channels], jnp.float32)
     if config.input.normalization == "mean_std":
         images = images / jnp.asarray(config.input.std_rgb[:channels], jnp.float32)
+    if config.input.normalization == "unit":
+        images = images / 255.0
     return images
 
 

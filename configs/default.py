@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
             random_crop=True,
             random_flip=True,
             pca_lighting_std=0.0,  # the paper's fancy-PCA lighting: 0.1; 0 disables it
-            normalization="mean_std",  # mean_std | mean | none
+            normalization="mean_std",  # mean_std | mean | unit (x / 255) | none
             mean_rgb=[0.485 * 255, 0.456 * 255, 0.406 * 255],
             std_rgb=[0.229 * 255, 0.224 * 255, 0.225 * 255],
             eval_crops=1,  # 1: centre crop; 10: four corners, centre and their mirrors

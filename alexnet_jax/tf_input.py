@@ -1,0 +1,293 @@
+"""TensorFlow-backed sources: TFDS data sets and image folders.
+
+The only module that imports TensorFlow, which is kept off the GPU here. Every epoch is its
+own tf.data pipeline, shuffled with a seed made of (config.seed, epoch) and augmented with
+per-example stateless seeds, so a run resumed at step ``s`` skips to the same batch, and the
+batches do not depend on tf.data's parallelism. Each process reads its own shard, and every
+process yields the same number of batches per epoch (collectives need it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from alexnet_jax import input_pipeline
+from alexnet_jax.input_pipeline import Batch, Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+EVAL_SPLITS = {"imagenet2012": "validation", "imagenette": "validation"}  # others: "test"
+FOLDER_SPLITS = ("train", "val")
+
+
+def _tensorflow():
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # the GPU belongs to JAX
+    return tf
+
+
+# --- image folders -------------------------------------------------------------------------
+
+
+def list_image_folder(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """Files, labels and sorted class names of ``root/split/<class>/<image>``.
+
+    Raises ``FileNotFoundError`` or ``ValueError`` naming the path when the layout is wrong:
+    a missing split, a split without class folders, an empty class folder.
+    """
+    directory = os.path.join(root, split)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"Image folder split {directory!r} does not exist: expected {root}/{{train,val}}/"
+            "<class>/<image files>"
+        )
+    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    if not classes:
+        raise ValueError(f"Image folder split {directory!r} has no class folders")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        class_dir = os.path.join(directory, name)
+        images = sorted(
+            os.path.join(class_dir, f)
+            for f in os.listdir(class_dir)
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not images:
+            raise ValueError(
+                f"Class folder {class_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        files += images
+        labels += [label] * len(images)
+    return files, np.asarray(labels, np.int64), classes
+
+
+def looks_complete(path: str) -> bool:
+    """A cheap check that a file is a whole JPEG or PNG: its signature and its end marker.
+
+    Catches non-images, empty files and truncated files without decoding them.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 12))
+            tail = f.read()
+    except OSError:
+        return False
+    if head[:3] == b"\xff\xd8\xff":
+        return tail.endswith(b"\xff\xd9")
+    if head == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" in tail
+    return False
+
+
+def drop_corrupt(files: list[str], labels: np.ndarray, split: str) -> tuple[list[str], np.ndarray]:
+    """Removes files that are not whole images, naming each in a warning."""
+    keep = np.asarray([looks_complete(f) for f in files], bool)
+    bad = [f for f, ok in zip(files, keep, strict=True) if not ok]
+    for path in bad[:20]:
+        logging.warning("Skipping corrupt or non-image file %s", path)
+    if bad:
+        logging.warning(
+            "Skipped %d corrupt or non-image files of %d in split %r%s",
+            len(bad), len(files), split, " (first 20 named above)" if len(bad) > 20 else "",
+        )  # fmt: skip
+    return [f for f, ok in zip(files, keep, strict=True) if ok], labels[keep]
+
+
+# --- the pipelines -------------------------------------------------------------------------
+
+
+def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
+    tf = _tensorflow()
+    if config.dataset == "image_folder":
+        train_files, train_labels, classes = list_image_folder(config.data_dir, "train")
+        eval_files, eval_labels, eval_classes = list_image_folder(config.data_dir, "val")
+        if eval_classes != classes:
+            raise ValueError(
+                f"The class folders of {config.data_dir}/val differ from those of train: "
+                f"{sorted(set(eval_classes) ^ set(classes))}"
+            )
+        train_files, train_labels = drop_corrupt(train_files, train_labels, "train")
+        eval_files, eval_labels = drop_corrupt(eval_files, eval_labels, "val")
+
+        def source(split: str) -> tf.data.Dataset:
+            files, labels = (
+                (train_files, train_labels) if split == "train" else (eval_files, eval_labels)
+            )
+            shard = np.array_split(np.arange(len(files)), jax.process_count())[jax.process_index()]
+            ds = tf.data.Dataset.from_tensor_slices((np.asarray(files)[shard], labels[shard]))
+            return ds.map(lambda f, y: {"image": tf.io.read_file(f), "label": y})
+
+        return _build(config, source, classes, len(train_files), len(eval_files))
+    return _tfds_dataset(config)
+
+
+def _tfds_dataset(config: ml_collections.ConfigDict) -> Dataset:
+    import tensorflow_datasets as tfds
+
+    data_dir = config.data_dir or None
+    builder = tfds.builder(config.dataset, data_dir=data_dir)
+    eval_split = EVAL_SPLITS.get(config.dataset, "test")
+    try:
+        builder.as_dataset(split="train[:1]")  # fails fast when the data is not prepared
+    except Exception as error:  # noqa: BLE001 - TFDS raises several types for missing data
+        raise FileNotFoundError(
+            f"TFDS data set {config.dataset!r} is not prepared in data_dir "
+            f"{data_dir or tfds.core.constants.DATA_DIR!r}. Prepare it first (imagenet2012 "
+            "needs the manual download TFDS documents); this run downloads nothing."
+        ) from error
+    label = builder.info.features["label"]
+    classes = list(label.names) if hasattr(label, "names") else []
+    if len(classes) != config.num_classes:
+        raise ValueError(
+            f"config.num_classes={config.num_classes} but {config.dataset!r} has "
+            f"{len(classes)} classes"
+        )
+    sizes = {split: _split_size(builder, split) for split in ("train", eval_split)}
+
+    def source(split: str):
+        name = "train" if split == "train" else eval_split
+        if jax.process_count() > 1:
+            name = tfds.even_splits(name, n=jax.process_count())[jax.process_index()]
+        ds = builder.as_dataset(
+            split=name, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
+        )
+        return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+
+    return _build(config, source, classes, sizes["train"], sizes[eval_split])
+
+
+def _split_size(builder, split: str) -> int:
+    """The split's size from TFDS metadata, or counted (mock data carries no metadata)."""
+    if builder.info.splits and split in builder.info.splits:
+        return builder.info.splits[split].num_examples
+    return int(builder.as_dataset(split=split).reduce(0, lambda n, _: n + 1))
+
+
+def _build(config, source, classes: list[str], train_size: int, eval_size: int) -> Dataset:
+    tf = _tensorflow()
+    from alexnet_jax import preprocess
+
+    devices = jax.local_device_count()
+    local_batch = input_pipeline.local_batch_size(config.batch_size)
+    local_eval_batch = input_pipeline.local_batch_size(config.eval_batch_size)
+    steps_per_epoch = train_size // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is larger than the {train_size} "
+            f"training examples of {config.dataset!r}"
+        )
+    channels = 3 if config.grayscale_to_rgb else config.channels
+    train_fn = functools.partial(
+        preprocess.preprocess_for_train,
+        image_size=config.image_size,
+        resize_size=config.input.resize_size,
+        channels=config.channels,
+        crop=config.input.random_crop,
+        flip=config.input.random_flip,
+        lighting_std=config.input.pca_lighting_std,
+    )
+    eval_fn = functools.partial(
+        preprocess.preprocess_for_eval,
+        image_size=config.image_size,
+        resize_size=config.input.resize_size,
+        channels=config.channels,
+        crops=config.input.eval_crops,
+    )
+    options = tf.data.Options()
+    options.deterministic = True
+    autotune = tf.data.AUTOTUNE
+
+    def to_rgb(image):
+        return tf.image.grayscale_to_rgb(image) if channels != config.channels else image
+
+    def epoch_dataset(epoch: int, skip: int):
+        """Epoch ``epoch`` from its batch ``skip`` on; skipped images are never decoded."""
+        seed = config.seed * 1_000_003 + epoch
+        ds = source("train").shuffle(
+            min(config.input.shuffle_buffer, train_size), seed=seed, reshuffle_each_iteration=False
+        )
+        ds = (
+            ds.enumerate()
+            .skip(skip * local_batch)
+            .map(
+                lambda i, ex: {
+                    "image": to_rgb(train_fn(ex["image"], tf.stack([tf.cast(seed, tf.int64), i]))),
+                    "label": tf.cast(ex["label"], tf.int32),
+                },
+                num_parallel_calls=autotune,
+            )
+        )
+        ds = ds.ignore_errors(log_warning=True)  # a file that still fails to decode is skipped
+        ds = ds.batch(local_batch, drop_remainder=True).take(steps_per_epoch - skip)
+        return ds.with_options(options).prefetch(autotune)
+
+    def train_batches(start_step: int) -> Iterator[Batch]:
+        epoch, skip = divmod(start_step, steps_per_epoch)
+        while True:
+            seen = 0
+            for batch in epoch_dataset(epoch, skip).as_numpy_iterator():
+                seen += 1
+                yield input_pipeline.shard(batch, devices)
+            if seen + skip < steps_per_epoch:
+                raise RuntimeError(
+                    f"Epoch {epoch} of {config.dataset!r} gave {seen + skip} batches of the "
+                    f"{steps_per_epoch} expected: too many images failed to decode"
+                )
+            epoch, skip = epoch + 1, 0
+
+    # Every process runs the same number of evaluation steps, padded and masked.
+    eval_steps = math.ceil(math.ceil(eval_size / jax.process_count()) / local_eval_batch)
+
+    def eval_batches() -> Iterator[Batch]:
+        ds = source("eval").map(
+            lambda ex: {
+                "image": to_rgb(eval_fn(ex["image"])),
+                "label": tf.cast(ex["label"], tf.int32),
+            },
+            num_parallel_calls=autotune,
+        )
+        ds = ds.ignore_errors(log_warning=True).batch(local_eval_batch).with_options(options)
+        iterator = ds.prefetch(autotune).as_numpy_iterator()
+        for _ in range(eval_steps):
+            batch = next(iterator, None)
+            yield input_pipeline.shard(_pad(batch, local_eval_batch, eval_fn_shape()), devices)
+
+    def eval_fn_shape():
+        crops = (10,) if config.input.eval_crops == 10 else ()
+        return crops + (config.image_size, config.image_size, channels)
+
+    return Dataset(
+        name=config.dataset,
+        num_classes=len(classes),
+        class_names=classes,
+        image_shape=(config.image_size, config.image_size, channels),
+        train_size=train_size,
+        eval_size=eval_size,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+    )
+
+
+def _pad(batch: dict | None, size: int, image_shape: tuple) -> Batch:
+    """Pads an evaluation batch (or makes an empty one) to ``size`` with a 0/1 mask."""
+    if batch is None:
+        batch = {"image": np.zeros((0,) + image_shape, np.uint8), "label": np.zeros(0, np.int32)}
+    n = len(batch["label"])
+    mask = np.zeros(size, np.float32)
+    mask[:n] = 1
+    return {
+        "image": np.concatenate([batch["image"], np.zeros((size - n,) + image_shape, np.uint8)]),
+        "label": np.concatenate([batch["label"], np.zeros(size - n, np.int32)]),
+        "mask": mask,
+    }

@@ -1,0 +1,211 @@
+"""The input pipelines: TFDS (mocked), image folders with bad files, the paper's augmentation."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+tfds = pytest.importorskip("tensorflow_datasets")
+
+from PIL import Image  # noqa: E402
+
+from alexnet_jax import input_pipeline, preprocess, tf_input  # noqa: E402
+from configs import default, fashion_mnist, imagenet  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small(config, **fields):
+    config.image_size, config.input.resize_size = 67, 80
+    config.batch_size, config.eval_batch_size = 8, 8
+    config.input.shuffle_buffer = 64
+    for key, value in fields.items():
+        target = config.input if key in config.input else config
+        target[key] = value
+    return config
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_imagenet2012_mock_through_the_whole_pipeline():
+    config = small(imagenet.get_config())  # crops, flips, PCA lighting, 10-crop evaluation
+    with tfds.testing.mock_data(num_examples=20):
+        dataset = input_pipeline.create_dataset(config)
+        assert dataset.train_size == 20 and dataset.eval_size == 20  # counted: no metadata
+        assert dataset.num_classes == 1000 and dataset.class_names[0] == "n01440764"
+        batch = next(dataset.train_batches(0))
+        assert batch["image"].shape == (4, 2, 67, 67, 3) and batch["image"].dtype == np.uint8
+        assert batch["label"].shape == (4, 2)
+        eval_batches = list(dataset.eval_batches())
+    assert eval_batches[0]["image"].shape == (4, 2, 10, 67, 67, 3)
+    assert sum(b["mask"].sum() for b in eval_batches) == 20  # 3 batches of 8, 4 padded
+
+
+@pytest.mark.parametrize("to_rgb,channels", [(False, 1), (True, 3)])
+def test_fashion_mnist_mock_grayscale_or_replicated(to_rgb, channels):
+    config = fashion_mnist.get_config()
+    config.grayscale_to_rgb = to_rgb
+    config.image_size = config.input.resize_size = 65
+    config.batch_size, config.eval_batch_size = 8, 8
+    with tfds.testing.mock_data(num_examples=16):
+        dataset = input_pipeline.create_dataset(config)
+        batch = next(dataset.train_batches(0))
+    assert batch["image"].shape == (4, 2, 65, 65, channels)
+    if to_rgb:
+        np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])
+
+
+def test_missing_tfds_data_is_a_clear_error(tmp_path):
+    config = small(imagenet.get_config(), data_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="'imagenet2012' is not prepared in data_dir"):
+        input_pipeline.create_dataset(config)
+
+
+def make_image_folder(root, per_class=6, size=(50, 40)):
+    """train/ and val/ with two classes of real JPEG and PNG files, and two bad files."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size + (3,), dtype=np.uint8)
+                ext = "jpg" if i % 2 else "png"
+                Image.fromarray(pixels).save(folder / f"{i}.{ext}")
+    whole = (root / "train" / "cat" / "1.jpg").read_bytes()
+    (root / "train" / "cat" / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (root / "val" / "dog" / "notes.png").write_text("not an image")
+    return root
+
+
+def test_image_folder_skips_and_names_corrupt_files(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "data")
+    config = small(default.get_config(), dataset="image_folder", data_dir=str(root), channels=3)
+    config.num_classes = 2
+    with caplog.at_level(logging.WARNING):
+        dataset = input_pipeline.create_dataset(config)
+    assert "truncated.jpg" in caplog.text and "notes.png" in caplog.text
+    assert "Skipped 1 corrupt or non-image files of 13 in split 'train'" in caplog.text
+    assert dataset.class_names == ["cat", "dog"]
+    assert dataset.train_size == 12 and dataset.eval_size == 12
+    batches = take(dataset.train_batches(0), 3)  # past the epoch end (1 step per epoch)
+    assert batches[0]["image"].shape == (4, 2, 67, 67, 3)
+    evaluation = list(dataset.eval_batches())
+    assert sum(b["mask"].sum() for b in evaluation) == 12
+    labels = np.concatenate([b["label"].ravel()[b["mask"].ravel() > 0] for b in evaluation])
+    assert sorted(labels.tolist()) == [0] * 6 + [1] * 6
+
+
+def test_image_folder_structural_problems_name_the_path(tmp_path):
+    root = make_image_folder(tmp_path / "data")
+    (root / "train" / "empty_class").mkdir()
+    with pytest.raises(ValueError, match="empty_class.* holds no images"):
+        tf_input.list_image_folder(str(root), "train")
+    with pytest.raises(FileNotFoundError, match="test.* does not exist"):
+        tf_input.list_image_folder(str(root), "test")
+
+
+def test_order_and_augmentation_depend_only_on_seed_and_step(tmp_path):
+    root = make_image_folder(tmp_path / "data", per_class=12)
+    config = small(default.get_config(), dataset="image_folder", data_dir=str(root), channels=3)
+    config.num_classes, config.input.pca_lighting_std = 2, 0.1
+    first = take(input_pipeline.create_dataset(config).train_batches(0), 5)
+    again = take(input_pipeline.create_dataset(config).train_batches(0), 5)
+    resumed = take(input_pipeline.create_dataset(config).train_batches(3), 2)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    for a, b in zip(first[3:], resumed, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    assert not np.array_equal(first[0]["image"], first[3]["image"])  # epochs 0 and 1 differ
+    config.seed = 1
+    other = next(input_pipeline.create_dataset(config).train_batches(0))
+    assert not np.array_equal(first[0]["image"], other["image"])
+
+
+def coded_image(height=20, width=30):
+    """Pixel (y, x) holds y * 100 + x in every channel: a crop tells where it came from."""
+    y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    return tf.constant(np.repeat((y * 100 + x)[..., None], 3, -1).astype(np.float32))
+
+
+def test_every_random_crop_is_a_window_inside_the_image():
+    image = coded_image()
+    corners = set()
+    for i in range(200):
+        crop = preprocess.random_crop(image, 7, tf.constant([0, i])).numpy()[..., 0]
+        y0, x0 = divmod(int(crop[0, 0]), 100)
+        assert 0 <= y0 <= 20 - 7 and 0 <= x0 <= 30 - 7
+        expected = (np.arange(7)[:, None] + y0) * 100 + np.arange(7)[None, :] + x0
+        np.testing.assert_array_equal(crop, expected)
+        corners.add((y0, x0))
+    assert len(corners) > 100  # positions spread over the 14 x 24 possible
+
+
+def test_flip_is_a_mirror_half_the_time():
+    image = coded_image()
+    flips = 0
+    for i in range(200):
+        out = preprocess.random_flip(image, tf.constant([1, i])).numpy()
+        if np.array_equal(out, image.numpy()[:, ::-1]):
+            flips += 1
+        else:
+            np.testing.assert_array_equal(out, image.numpy())
+    assert 70 < flips < 130
+
+
+def test_pca_lighting_noise_has_the_eigen_covariance():
+    """shift = V (alpha * lambda), alpha ~ N(0, s^2): Cov = s^2 V diag(lambda^2) V^T (x 255^2)."""
+    zero = tf.zeros((1, 1, 3))
+    shifts = np.stack(
+        [preprocess.pca_lighting(zero, 0.1, tf.constant([2, i])).numpy()[0, 0] for i in range(4000)]
+    )
+    vec, val = np.asarray(preprocess.PCA_EIGVEC), np.asarray(preprocess.PCA_EIGVAL)
+    expected = 255.0**2 * 0.01 * vec @ np.diag(val**2) @ vec.T
+    np.testing.assert_allclose(np.cov(shifts.T), expected, rtol=0.1, atol=0.05 * expected.max())
+    np.testing.assert_allclose(shifts.mean(0), 0.0, atol=0.15)
+    # the same pixel shift everywhere in the image
+    image = preprocess.pca_lighting(tf.zeros((4, 5, 3)), 0.1, tf.constant([2, 0])).numpy()
+    np.testing.assert_allclose(image, np.broadcast_to(shifts[0], image.shape), rtol=1e-6)
+
+
+def test_ten_crops_are_the_corners_centre_and_mirrors():
+    crops = preprocess.ten_crops(coded_image(), 7).numpy()[..., 0]
+    assert crops.shape == (10, 7, 7)
+    origins = [divmod(int(c[0, 0]), 100) for c in crops[:5]]
+    assert origins == [(0, 0), (0, 23), (13, 0), (13, 23), (6, 11)]
+    np.testing.assert_array_equal(crops[5:], crops[:5, :, ::-1])
+
+
+def test_decode_central_square_png_and_fused_jpeg(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    out = preprocess.decode_central_square(tf.io.read_file(str(tmp_path / "a.png")), 3).numpy()
+    np.testing.assert_array_equal(out, pixels[:, 10:40])
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    jpeg = preprocess.decode_central_square(tf.io.read_file(str(tmp_path / "a.jpg")), 3).numpy()
+    whole = np.asarray(Image.open(tmp_path / "a.jpg"))
+    assert jpeg.shape == (30, 30, 3)
+    assert np.abs(jpeg.astype(int) - whole[:, 10:40].astype(int)).mean() < 3  # same decode
+
+
+def test_synthetic_source_trains_without_importing_tensorflow(tmp_path):
+    code = (
+        "import sys; from configs import synthetic; from alexnet_jax import train;"
+        "c = synthetic.get_config(); c.image_size = 67; c.batch_size = 8; c.eval_batch_size = 8;"
+        "c.num_train_steps = 2; c.progress_bar = False;"
+        f"r = train.train_and_evaluate(c, {str(tmp_path)!r});"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported';"
+        "print('top1', r['top1'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top1" in result.stdout
