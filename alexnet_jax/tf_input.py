@@ -206,6 +206,8 @@ def _build(config, source, classes: list[str], train_size: int, eval_size: int) 
     )
     options = tf.data.Options()
     options.deterministic = True
+    if config.input.threads:
+        options.threading.private_threadpool_size = config.input.threads
     autotune = tf.data.AUTOTUNE
 
     def to_rgb(image):

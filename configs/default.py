@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
             eval_crops=1,  # 1: centre crop; 10: four corners, centre and their mirrors
             shuffle_buffer=16_384,
             prefetch=2,  # batches kept ready on the devices
+            threads=0,  # tf.data threads; 0: as many as tf.data likes (all cores)
         )
     )
 

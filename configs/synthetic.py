@@ -1,7 +1,8 @@
 """A benchmark run that needs no data and imports no TensorFlow: the paper's network on random
 227x227 images made on the devices.
 
-    python main.py --config configs/synthetic.py --config.batch_size=256 --config.half_precision=True
+    python main.py --config configs/synthetic.py --config.batch_size=256 \
+        --config.half_precision=True
 """
 
 from configs import default

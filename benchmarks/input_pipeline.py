@@ -1,0 +1,84 @@
+"""Decoded and augmented images/s of the TF input pipeline, per CPU core and on all cores.
+
+    python benchmarks/input_pipeline.py [--images 256] [--batches 30]
+
+Writes ImageNet-sized (500x375) JPEGs to a temporary image folder, then times the paper's
+training path (fused decode-and-crop of the central square, resize to 256, random 227 crop,
+flip, PCA lighting) and the evaluation paths (centre crop, 10 crops), with tf.data limited to
+one thread and with all of them. Not a test: run it by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+from alexnet_jax import input_pipeline  # noqa: E402
+from configs import imagenet  # noqa: E402
+
+
+def write_jpegs(root: str, count: int) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in range(4):
+            os.makedirs(os.path.join(root, split, f"class{label}"))
+    for i in range(count):
+        # Smooth noise compresses like a photo (~100 KB), unlike white noise.
+        small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((500, 375), Image.BICUBIC)
+        for split in ("train", "val"):
+            image.save(os.path.join(root, split, f"class{i % 4}", f"{i}.jpg"), quality=90)
+
+
+def images_per_second(iterator, batches: int, batch_size: int) -> float:
+    next(iterator)  # warm up: build the pipeline, fill buffers
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    cores = os.cpu_count()
+    with tempfile.TemporaryDirectory() as root:
+        write_jpegs(root, args.images)
+        print(f"{args.images} JPEGs of 500x375, {cores} CPU cores, batch {args.batch}")
+        for threads in (1, 0):
+            config = imagenet.get_config()
+            config.dataset, config.data_dir, config.num_classes = "image_folder", root, 4
+            config.batch_size = config.eval_batch_size = args.batch
+            config.input.threads = threads
+            config.input.shuffle_buffer = args.images
+            label = "1 thread " if threads == 1 else f"{cores} threads"
+            train = input_pipeline.create_dataset(config)
+            rate = images_per_second(train.train_batches(0), args.batches, args.batch)
+            print(f"{label}  {'train (crop+flip+PCA)':24s} {rate:8.1f} img/s")
+            for crops in (1, 10):
+                config.input.eval_crops = crops
+                evaluation = input_pipeline.create_dataset(config)
+
+                def eval_forever(dataset=evaluation):
+                    while True:
+                        yield from dataset.eval_batches()
+
+                batches = min(args.batches, args.images // args.batch - 1)
+                rate = images_per_second(eval_forever(), batches, args.batch)
+                name = f"eval ({crops} crop{'s' if crops > 1 else ''})"
+                print(f"{label}  {name:24s} {rate:8.1f} img/s")
+
+
+if __name__ == "__main__":
+    main()
