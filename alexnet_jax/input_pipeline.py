@@ -57,6 +57,17 @@ def local_batch_size(global_batch: int) -> int:
     return global_batch // jax.process_count()
 
 
+def steps_per_epoch(train_size: int, config: ml_collections.ConfigDict) -> int:
+    """Full global batches in one pass over the training split; an error if there are none."""
+    steps = train_size // config.batch_size
+    if steps == 0:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is larger than the {train_size} "
+            f"training examples of {config.dataset!r}"
+        )
+    return steps
+
+
 def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
     """The order of the training examples in ``epoch``: a function of (seed, epoch) only."""
     return np.random.default_rng([seed, epoch]).permutation(size)
@@ -133,17 +144,12 @@ def _in_memory_dataset(
     process, processes = jax.process_index(), jax.process_count()
     train_images, train_labels = train
     eval_images, eval_labels = evaluation
-    steps_per_epoch = len(train_labels) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} is larger than the {len(train_labels)} "
-            f"training examples of {name!r}"
-        )
+    steps = steps_per_epoch(len(train_labels), config)
 
     def train_batches(start_step: int) -> Iterator[Batch]:
         step = start_step
         while True:
-            epoch, index = divmod(step, steps_per_epoch)
+            epoch, index = divmod(step, steps)
             order = epoch_permutation(config.seed, epoch, len(train_labels))
             chosen = order[index * config.batch_size : (index + 1) * config.batch_size]
             local = np.array_split(chosen, processes)[process]

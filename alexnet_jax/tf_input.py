@@ -181,12 +181,7 @@ def _build(config, source, classes: list[str], train_size: int, eval_size: int) 
     devices = jax.local_device_count()
     local_batch = input_pipeline.local_batch_size(config.batch_size)
     local_eval_batch = input_pipeline.local_batch_size(config.eval_batch_size)
-    steps_per_epoch = train_size // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} is larger than the {train_size} "
-            f"training examples of {config.dataset!r}"
-        )
+    steps_per_epoch = input_pipeline.steps_per_epoch(train_size, config)
     channels = 3 if config.grayscale_to_rgb else config.channels
     train_fn = functools.partial(
         preprocess.preprocess_for_train,

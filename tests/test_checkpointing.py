@@ -1,0 +1,67 @@
+"""Checkpoint retention, round trips and bfloat16 training state."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alexnet_jax import checkpointing, optim, train
+from configs import default
+
+
+def test_keeps_the_latest_and_the_best_by_top1(tmp_path):
+    config = default.get_config()
+    config.max_to_keep, config.keep_best, config.async_checkpointing = 2, 1, False
+    manager = checkpointing.create_manager(str(tmp_path), config)
+    state = {"w": jnp.arange(3.0)}
+    for step, top1 in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, None), (6, 0.65)]:
+        metrics = None if top1 is None else {"top1": top1}
+        checkpointing.save(manager, step, {"w": state["w"] + step}, metrics)
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 5, 6]  # best (0.9) and the latest two
+    restored = checkpointing.restore(manager, state, 2)
+    chex.assert_trees_all_equal(restored, {"w": jnp.arange(3.0) + 2})
+    manager.close()
+
+
+def test_train_state_round_trip_is_exact(tmp_path):
+    config = default.get_config()
+    config.async_checkpointing = False
+    model = train.create_model(config, 10)
+    state = train.create_train_state(jax.random.PRNGKey(3), config, model, (67, 67, 1))
+    state = state.replace(
+        plateau=optim.plateau_update(state.plateau, 0.4, patience=1, factor=0.1, max_reductions=3)
+    )
+    manager = checkpointing.create_manager(str(tmp_path), config)
+    checkpointing.save(manager, 7, state)
+    manager.wait_until_finished()
+    template = train.create_train_state(jax.random.PRNGKey(0), config, model, (67, 67, 1))
+    restored, step = checkpointing.restore_latest(manager, template)
+    assert step == 7
+    fields = ("step", "params", "opt_state", "rng", "plateau", "nonfinite_step")
+    chex.assert_trees_all_equal(
+        jax.device_get([getattr(restored, f) for f in fields]),
+        jax.device_get([getattr(state, f) for f in fields]),
+    )
+    assert float(restored.plateau["best"]) == np.float32(0.4)
+    manager.close()
+
+
+def test_half_precision_trains_in_bfloat16_with_float32_state():
+    config = default.get_config()
+    config.half_precision = True
+    model = train.create_model(config, 10)
+    assert model.dtype == jnp.bfloat16
+    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (67, 67, 1))
+    p_train, _ = train.make_steps(config, optim.create_learning_rate_fn(config, 10))
+    devices = jax.local_device_count()
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.normal(size=(devices, 2, 67, 67, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, (devices, 2)).astype(np.int32),
+    }
+    state, metrics = p_train(state, batch)
+    leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
+    assert all(leaf.dtype in (jnp.float32, jnp.int32) for leaf in leaves)
+    assert np.isfinite(float(metrics["loss"]))
+    assert int(state.step) == 1
