@@ -100,6 +100,11 @@ def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, ja
     }
 
 
+def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """This device's dropout key at ``step``: a function of (seed, step, device) only."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -109,7 +114,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on this device's part of the batch; run inside ``jax.pmap``."""
     step = state.step
-    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, step), lax.axis_index(AXIS))
+    dropout_rng = dropout_key(state.rng, step)
     images = normalize_images(batch["image"], config)
 
     def loss_fn(params):
@@ -298,9 +303,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             epoch = done / steps_per_epoch
             if done % config.log_every_steps == 0 or done == total_steps:
                 _check_finite(state, last_checkpoint)
-                summary = {
-                    k: float(np.mean([m[k] for m in jax.device_get(window)])) for k in window[0]
-                }
+                fetched = jax.device_get(window)
+                summary = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                summary["lr"] = float(fetched[-1]["lr"])  # the rate now, not the window's mean
                 elapsed = time.perf_counter() - window_start
                 img_per_s = len(window) * config.batch_size / elapsed
                 writer.write(

@@ -92,7 +92,7 @@ def test_each_device_draws_its_own_dropout_mask():
     same_everywhere = {k: np.repeat(v, 4, axis=0) for k, v in batch.items()}
 
     def per_device_loss(state, batch):
-        rng = jax.random.fold_in(jax.random.fold_in(state.rng, 0), jax.lax.axis_index("batch"))
+        rng = train.dropout_key(state.rng, 0)
         logits = state.apply_fn(
             {"params": state.params}, batch["image"], train=True, rngs={"dropout": rng}
         )
