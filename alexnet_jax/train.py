@@ -253,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from ``workdir`` if it holds checkpoints) and returns the last eval."""
     validate_config(config, workdir)
     dataset = input_pipeline.create_dataset(config)
-    steps_per_epoch = dataset.train_size // config.batch_size
+    steps_per_epoch = input_pipeline.steps_per_epoch(dataset.train_size, config)
     total_steps = max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
     if config.num_train_steps > 0:
         total_steps = config.num_train_steps
