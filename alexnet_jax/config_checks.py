@@ -9,7 +9,7 @@ import ml_collections
 
 from alexnet_jax import input_pipeline, model, optim
 
-NORMALIZATIONS = ("mean_std", "mean", "unit", "none")
+NORMALIZATIONS = ("mean_std", "mean", "mean_image", "unit", "none")
 DISTRIBUTED = ("auto", "yes", "no")
 
 
@@ -103,6 +103,10 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
     _require(
         c.input.normalization in NORMALIZATIONS,
         f"config.input.normalization={c.input.normalization!r}: choose one of {NORMALIZATIONS}",
+    )
+    _require(
+        c.input.mean_image_batches >= 1,
+        f"config.input.mean_image_batches={c.input.mean_image_batches}: must be at least 1",
     )
     _require(
         c.input.pca_lighting_std >= 0,

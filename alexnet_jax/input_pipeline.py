@@ -86,6 +86,64 @@ def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
     raise ValueError(f"config.dataset={config.dataset!r} is not a known source; choose {SOURCES}")
 
 
+# --- the mean image ----------------------------------------------------------------------------
+
+MEAN_IMAGE_FILE = "mean_image.npy"
+
+
+def compute_mean_image(dataset: Dataset, num_batches: int) -> np.ndarray:
+    """The mean training image (H, W, C), float32, in the units of the batches' pixels.
+
+    The paper subtracts "the mean activity over the training set from each pixel". This
+    averages the first ``num_batches`` training batches as the network sees them (random
+    crops and flips included: the mean of what is subtracted from), over every process.
+    """
+    total = np.zeros(dataset.image_shape, np.float64)
+    count = 0
+    batches = dataset.train_batches(0)
+    for _ in range(num_batches):
+        images = np.asarray(next(batches)["image"])
+        images = images.reshape((-1,) + tuple(dataset.image_shape))
+        total += images.sum(axis=0, dtype=np.float64)
+        count += len(images)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        gathered = multihost_utils.process_allgather(np.concatenate([total.ravel(), [count]]))
+        summed = np.asarray(gathered).sum(axis=0)
+        total, count = summed[:-1].reshape(total.shape), summed[-1]
+    return (total / count).astype(np.float32)
+
+
+def load_or_compute_mean_image(
+    config: ml_collections.ConfigDict, dataset: Dataset, workdir: str
+) -> np.ndarray:
+    """``config.input.mean_image_path``, else ``WORKDIR/mean_image.npy``, else computed.
+
+    A computed mean image is saved in the workdir, so a resumed run, ``--mode=eval`` and
+    ``--mode=predict`` subtract the same one. A file of the wrong shape is an error naming
+    the file and both shapes.
+    """
+    import os
+
+    path = config.input.mean_image_path or os.path.join(workdir, MEAN_IMAGE_FILE)
+    if os.path.exists(path):
+        mean = np.load(path)
+        if mean.shape != tuple(dataset.image_shape):
+            raise ValueError(
+                f"The mean image {path} has shape {mean.shape}, but the model sees images of "
+                f"shape {tuple(dataset.image_shape)} (config.image_size, channels); delete it "
+                "to compute it again"
+            )
+        return mean.astype(np.float32)
+    if config.input.mean_image_path:
+        raise FileNotFoundError(f"config.input.mean_image_path={path!r} does not exist")
+    mean = compute_mean_image(dataset, config.input.mean_image_batches)
+    if jax.process_index() == 0:
+        np.save(path, mean)
+    return mean
+
+
 # --- digits: the embedded default ------------------------------------------------------------
 
 

@@ -90,8 +90,10 @@ def looks_complete(path: str) -> bool:
     return False
 
 
-def drop_corrupt(files: list[str], labels: np.ndarray, split: str) -> tuple[list[str], np.ndarray]:
-    """Removes files that are not whole images, naming each in a warning."""
+def drop_corrupt(
+    files: list[str], labels: np.ndarray, split: str
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Removes files that are not whole images, naming each in a warning; returns them too."""
     keep = np.asarray([looks_complete(f) for f in files], bool)
     bad = [f for f, ok in zip(files, keep, strict=True) if not ok]
     for path in bad[:20]:
@@ -101,7 +103,7 @@ def drop_corrupt(files: list[str], labels: np.ndarray, split: str) -> tuple[list
             "Skipped %d corrupt or non-image files of %d in split %r%s",
             len(bad), len(files), split, " (first 20 named above)" if len(bad) > 20 else "",
         )  # fmt: skip
-    return [f for f, ok in zip(files, keep, strict=True) if ok], labels[keep]
+    return [f for f, ok in zip(files, keep, strict=True) if ok], labels[keep], bad
 
 
 # --- the pipelines -------------------------------------------------------------------------
@@ -117,18 +119,25 @@ def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
                 f"The class folders of {config.data_dir}/val differ from those of train: "
                 f"{sorted(set(eval_classes) ^ set(classes))}"
             )
-        train_files, train_labels = drop_corrupt(train_files, train_labels, "train")
-        eval_files, eval_labels = drop_corrupt(eval_files, eval_labels, "val")
+        train_files, train_labels, train_bad = drop_corrupt(train_files, train_labels, "train")
+        eval_files, eval_labels, eval_bad = drop_corrupt(eval_files, eval_labels, "val")
+
+        def process_shard(files: list[str]) -> np.ndarray:
+            return np.array_split(np.arange(len(files)), jax.process_count())[jax.process_index()]
 
         def source(split: str) -> tf.data.Dataset:
             files, labels = (
                 (train_files, train_labels) if split == "train" else (eval_files, eval_labels)
             )
-            shard = np.array_split(np.arange(len(files)), jax.process_count())[jax.process_index()]
+            shard = process_shard(files)
             ds = tf.data.Dataset.from_tensor_slices((np.asarray(files)[shard], labels[shard]))
-            return ds.map(lambda f, y: {"image": tf.io.read_file(f), "label": y})
+            return ds.map(lambda f, y: {"image": tf.io.read_file(f), "label": y, "name": f})
 
-        return _build(config, source, classes, len(train_files), len(eval_files))
+        local = {"train": len(process_shard(train_files)), "eval": len(process_shard(eval_files))}
+        listed_bad = {"train": len(train_bad), "eval": len(eval_bad)}
+        return _build(
+            config, source, classes, len(train_files), len(eval_files), local, listed_bad
+        )
     return _tfds_dataset(config)
 
 
@@ -155,27 +164,54 @@ def _tfds_dataset(config: ml_collections.ConfigDict) -> Dataset:
         )
     sizes = {split: _split_size(builder, split) for split in ("train", eval_split)}
 
-    def source(split: str):
+    def process_split(split: str) -> str:
         name = "train" if split == "train" else eval_split
         if jax.process_count() > 1:
             name = tfds.even_splits(name, n=jax.process_count())[jax.process_index()]
-        ds = builder.as_dataset(
-            split=name, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
-        )
-        return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+        return name
 
-    return _build(config, source, classes, sizes["train"], sizes[eval_split])
+    def source(split: str):
+        name = process_split(split)
+        ds = builder.as_dataset(
+            split=name,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            shuffle_files=False,
+            read_config=tfds.ReadConfig(add_tfds_id=True),
+        )
+        # ImageNet's records keep the original file name; other data sets name the record.
+        key = "file_name" if "file_name" in builder.info.features else "tfds_id"
+        return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"], "name": ex[key]})
+
+    local = {"train": sizes["train"], "eval": sizes[eval_split]}
+    if jax.process_count() > 1:
+        local = {split: _split_size(builder, process_split(split)) for split in local}
+    return _build(config, source, classes, sizes["train"], sizes[eval_split], local)
 
 
 def _split_size(builder, split: str) -> int:
-    """The split's size from TFDS metadata, or counted (mock data carries no metadata)."""
-    if builder.info.splits and split in builder.info.splits:
+    """The (sub)split's size from TFDS metadata, or counted (mock data carries no metadata)."""
+    if builder.info.splits:
         return builder.info.splits[split].num_examples
     return int(builder.as_dataset(split=split).reduce(0, lambda n, _: n + 1))
 
 
-def _build(config, source, classes: list[str], train_size: int, eval_size: int) -> Dataset:
+def _build(
+    config,
+    source,
+    classes: list[str],
+    train_size: int,
+    eval_size: int,
+    local_sizes: dict[str, int],
+    listed_bad: dict[str, int] | None = None,
+) -> Dataset:
+    """The Dataset over ``source(split)``: raw examples {"image": encoded, "label", "name"}.
+
+    ``local_sizes`` holds this process's number of raw examples per split ("train",
+    "eval"); ``listed_bad`` the files already dropped per split (named when they were
+    found), for the report at the end of every epoch.
+    """
     tf = _tensorflow()
+    listed_bad = listed_bad or {"train": 0, "eval": 0}
     from alexnet_jax import preprocess
 
     devices = jax.local_device_count()
@@ -208,57 +244,83 @@ def _build(config, source, classes: list[str], train_size: int, eval_size: int) 
     def to_rgb(image):
         return tf.image.grayscale_to_rgb(image) if channels != config.channels else image
 
-    def epoch_dataset(epoch: int, skip: int):
-        """Epoch ``epoch`` from its batch ``skip`` on; skipped images are never decoded."""
+    def shuffled(epoch: int):
+        """The epoch's raw examples in their shuffled order, and the epoch's seed."""
         seed = config.seed * 1_000_003 + epoch
         ds = source("train").shuffle(
             min(config.input.shuffle_buffer, train_size), seed=seed, reshuffle_each_iteration=False
         )
-        ds = (
-            ds.enumerate()
-            .skip(skip * local_batch)
-            .map(
-                lambda i, ex: {
-                    "image": to_rgb(train_fn(ex["image"], tf.stack([tf.cast(seed, tf.int64), i]))),
-                    "label": tf.cast(ex["label"], tf.int32),
-                },
-                num_parallel_calls=autotune,
-            )
+        return ds, seed
+
+    def decoded(epoch: int, start: int):
+        """Examples ``start``... of the epoch, augmented, with their positions in ``index``.
+
+        Skipped examples are never decoded; one that fails to decode is dropped here and
+        named by the epoch's report (its index is missing from the batches).
+        """
+        ds, seed = shuffled(epoch)
+        ds = ds.enumerate().skip(start)
+        ds = ds.map(
+            lambda i, ex: {
+                "image": to_rgb(train_fn(ex["image"], tf.stack([tf.cast(seed, tf.int64), i]))),
+                "label": tf.cast(ex["label"], tf.int32),
+                "index": i,
+            },
+            num_parallel_calls=autotune,
         )
-        ds = ds.ignore_errors(log_warning=True)  # a file that still fails to decode is skipped
+        return ds.ignore_errors()
+
+    def epoch_dataset(epoch: int, skip: int):
+        """Epoch ``epoch`` from its batch ``skip`` on.
+
+        When images failed to decode, the epoch runs short of full batches; it is then
+        filled up from its own beginning, so every epoch has ``steps_per_epoch`` batches.
+        """
+        ds = decoded(epoch, skip * local_batch).concatenate(decoded(epoch, 0))
         ds = ds.batch(local_batch, drop_remainder=True).take(steps_per_epoch - skip)
         return ds.with_options(options).prefetch(autotune)
 
     def train_batches(start_step: int) -> Iterator[Batch]:
         epoch, skip = divmod(start_step, steps_per_epoch)
         while True:
-            seen = 0
+            seen, gaps = 0, _Gaps(skip * local_batch, local_sizes["train"])
             for batch in epoch_dataset(epoch, skip).as_numpy_iterator():
                 seen += 1
+                gaps.update(batch.pop("index"))
                 yield input_pipeline.shard(batch, devices)
             if seen + skip < steps_per_epoch:
                 raise RuntimeError(
                     f"Epoch {epoch} of {config.dataset!r} gave {seen + skip} batches of the "
-                    f"{steps_per_epoch} expected: too many images failed to decode"
+                    f"{steps_per_epoch} expected: most of its images failed to decode"
                 )
+            failed = _names_at(shuffled(epoch)[0], gaps.missing) if gaps.missing else []
+            _report_skipped(f"{config.dataset} train, epoch {epoch}", listed_bad["train"], failed)
             epoch, skip = epoch + 1, 0
 
     # Every process runs the same number of evaluation steps, padded and masked.
     eval_steps = math.ceil(math.ceil(eval_size / jax.process_count()) / local_eval_batch)
 
     def eval_batches() -> Iterator[Batch]:
-        ds = source("eval").map(
-            lambda ex: {
+        ds = source("eval").enumerate().map(
+            lambda i, ex: {
                 "image": to_rgb(eval_fn(ex["image"])),
                 "label": tf.cast(ex["label"], tf.int32),
+                "index": i,
             },
             num_parallel_calls=autotune,
         )
-        ds = ds.ignore_errors(log_warning=True).batch(local_eval_batch).with_options(options)
+        ds = ds.ignore_errors().batch(local_eval_batch).with_options(options)
         iterator = ds.prefetch(autotune).as_numpy_iterator()
+        gaps = _Gaps(0, local_sizes["eval"])
         for _ in range(eval_steps):
             batch = next(iterator, None)
+            if batch is not None:
+                gaps.update(batch.pop("index"))
             yield input_pipeline.shard(_pad(batch, local_eval_batch, eval_fn_shape()), devices)
+        if next(iterator, None) is None:  # the split was read to its end
+            gaps.close()
+        failed = _names_at(source("eval"), gaps.missing) if gaps.missing else []
+        _report_skipped(f"{config.dataset} eval", listed_bad["eval"], failed)
 
     def eval_fn_shape():
         crops = (10,) if config.input.eval_crops == 10 else ()
@@ -288,3 +350,53 @@ def _pad(batch: dict | None, size: int, image_shape: tuple) -> Batch:
         "label": np.concatenate([batch["label"], np.zeros(size - n, np.int32)]),
         "mask": mask,
     }
+
+
+class _Gaps:
+    """Tracks which positions of a stream are missing from its batches (failed to decode).
+
+    Positions arrive in increasing order from ``start``; a smaller one means the stream has
+    moved on to the filler taken from its beginning, whose failures were counted already.
+    """
+
+    def __init__(self, start: int, end: int):
+        self.next, self.end = start, end  # end: the stream's length
+        self.missing: list[int] = []
+        self.in_filler = False
+
+    def update(self, indices: np.ndarray) -> None:
+        for i in indices.tolist():
+            if self.in_filler or i < self.next:
+                if not self.in_filler:
+                    self.close()
+                self.in_filler = True
+                continue
+            self.missing.extend(range(self.next, i))
+            self.next = i + 1
+
+    def close(self) -> None:
+        """The stream was read to its end: whatever followed the last position failed."""
+        self.missing.extend(range(self.next, self.end))
+        self.next = self.end
+
+
+def _names_at(raw, positions: list[int]) -> list[str]:
+    """The names of the examples at ``positions`` of the raw (undecoded) stream."""
+    tf = _tensorflow()
+    wanted = tf.constant(positions, tf.int64)
+    ds = raw.enumerate().filter(lambda i, ex: tf.reduce_any(tf.equal(i, wanted)))
+    names = ds.map(lambda i, ex: ex["name"]).take(len(positions))
+    return [name.decode(errors="replace") for name in names.as_numpy_iterator()]
+
+
+def _report_skipped(where: str, listed: int, failed: list[str]) -> None:
+    """The per-epoch count of skipped files, naming the ones that failed to decode."""
+    for name in failed[:20]:
+        logging.warning("Skipped %s: it failed to decode", name)
+    if listed or failed:
+        logging.warning(
+            "%s: skipped %d bad files (%d found when the folder was listed and named then, "
+            "%d failed to decode%s)",
+            where, listed + len(failed), listed, len(failed),
+            "; the first 20 named above" if len(failed) > 20 else "",
+        )  # fmt: skip

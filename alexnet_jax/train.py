@@ -72,8 +72,18 @@ def create_train_state(
     )
 
 
-def normalize_images(images: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
-    """uint8 pixels become floats on the device (cheaper to transfer); floats pass through."""
+def normalize_images(
+    images: jax.Array, config: ml_collections.ConfigDict, mean_image: np.ndarray | None = None
+) -> jax.Array:
+    """uint8 pixels become floats on the device (cheaper to transfer); floats pass through.
+
+    ``config.input.normalization="mean_image"`` subtracts ``mean_image`` (H, W, C), in the
+    units of the batches' pixels, from uint8 and float images alike.
+    """
+    if config.input.normalization == "mean_image":
+        if mean_image is None:
+            raise ValueError('config.input.normalization="mean_image" needs the mean image')
+        return images.astype(jnp.float32) - jnp.asarray(mean_image, jnp.float32)
     if images.dtype != jnp.uint8:
         return images
     images = images.astype(jnp.float32)
@@ -111,11 +121,12 @@ def train_step(
     *,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
     config: ml_collections.ConfigDict,
+    mean_image: np.ndarray | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on this device's part of the batch; run inside ``jax.pmap``."""
     step = state.step
     dropout_rng = dropout_key(state.rng, step)
-    images = normalize_images(batch["image"], config)
+    images = normalize_images(batch["image"], config, mean_image)
 
     def loss_fn(params):
         logits = state.apply_fn(
@@ -148,13 +159,17 @@ def train_step(
 
 
 def eval_step(
-    state: TrainState, batch: dict[str, jax.Array], *, config: ml_collections.ConfigDict
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    config: ml_collections.ConfigDict,
+    mean_image: np.ndarray | None = None,
 ) -> dict[str, jax.Array]:
     """Summed loss, top-1 and top-5 over this batch (padding masked out), across devices.
 
     With 10-crop images (N, 10, H, W, C) the softmaxes of the crops are averaged.
     """
-    images = normalize_images(batch["image"], config)
+    images = normalize_images(batch["image"], config, mean_image)
     if images.ndim == 5:
         n, crops = images.shape[:2]
         logits = state.apply_fn(
@@ -172,17 +187,23 @@ def eval_step(
 
 
 def make_steps(
-    config: ml_collections.ConfigDict, learning_rate_fn: Callable, devices: list | None = None
+    config: ml_collections.ConfigDict,
+    learning_rate_fn: Callable,
+    devices: list | None = None,
+    mean_image: np.ndarray | None = None,
 ):
     """The pmap-ed train and eval steps: state unreplicated in, replicated out; state donated.
 
-    ``devices`` defaults to every local device. The state is donated in single-process runs
+    ``devices`` defaults to every local device; ``mean_image`` is needed with
+    ``config.input.normalization="mean_image"`` (``input_pipeline.load_or_compute_mean_image``). The state is donated in single-process runs
     only: on jax 0.10, donating an ``in_axes=None`` argument to a multi-process pmap deletes
     it before use ("Array has been deleted"), so several processes keep the extra copy.
     """
     donate = (0,) if jax.process_count() == 1 else ()
     p_train_step = jax.pmap(
-        functools.partial(train_step, learning_rate_fn=learning_rate_fn, config=config),
+        functools.partial(
+            train_step, learning_rate_fn=learning_rate_fn, config=config, mean_image=mean_image
+        ),
         axis_name=AXIS,
         in_axes=(None, 0),
         out_axes=(None, None),
@@ -190,7 +211,7 @@ def make_steps(
         devices=devices,
     )
     p_eval_step = jax.pmap(
-        functools.partial(eval_step, config=config),
+        functools.partial(eval_step, config=config, mean_image=mean_image),
         axis_name=AXIS,
         in_axes=(None, 0),
         out_axes=None,
@@ -286,7 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     last_checkpoint = restored_step
 
-    p_train_step, p_eval_step = make_steps(config, learning_rate_fn)
+    mean_image = None
+    if config.input.normalization == "mean_image":
+        mean_image = input_pipeline.load_or_compute_mean_image(config, dataset, workdir)
+    p_train_step, p_eval_step = make_steps(config, learning_rate_fn, mean_image=mean_image)
     writer = MetricsWriter(workdir)
     stop = checkpointing.StopRequest()
     progress = _progress_bar(config, is_main, start_step, total_steps)

@@ -27,9 +27,14 @@ def get_config() -> ml_collections.ConfigDict:
             random_crop=True,
             random_flip=True,
             pca_lighting_std=0.0,  # the paper's fancy-PCA lighting: 0.1; 0 disables it
-            normalization="mean_std",  # mean_std | mean | unit (x / 255) | none
+            # mean_std | mean (per channel) | mean_image (the paper's) | unit (x / 255) | none
+            normalization="mean_std",
             mean_rgb=[0.485 * 255, 0.456 * 255, 0.406 * 255],
             std_rgb=[0.229 * 255, 0.224 * 255, 0.225 * 255],
+            # mean_image: a .npy (image_size, image_size, channels), or "": averaged over the
+            # first mean_image_batches training batches and saved as WORKDIR/mean_image.npy
+            mean_image_path="",
+            mean_image_batches=100,
             eval_crops=1,  # 1: centre crop; 10: four corners, centre and their mirrors
             shuffle_buffer=16_384,
             prefetch=2,  # batches kept ready on the devices

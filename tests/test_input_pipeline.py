@@ -102,6 +102,41 @@ def test_image_folder_skips_and_names_corrupt_files(tmp_path, caplog):
     assert sorted(labels.tolist()) == [0] * 6 + [1] * 6
 
 
+def test_files_that_fail_to_decode_are_named_each_epoch_and_the_epoch_stays_full(
+    tmp_path, caplog
+):
+    """Files with a JPEG's first and last bytes but garbage between pass the listing check
+    and fail in the decoder: they are dropped, named at the end of each epoch and of each
+    evaluation, and the epoch is filled up from its beginning."""
+    root = make_image_folder(tmp_path / "data", per_class=5)  # 10 good + truncated.jpg
+    garbage = b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4 + b"\xff\xd9"
+    for path in ("train/cat/garbage1.jpg", "train/dog/garbage2.jpg", "val/cat/garbage3.jpg"):
+        (root / path).write_bytes(garbage)
+    config = small(default.get_config(), dataset="image_folder", data_dir=str(root), channels=3)
+    config.num_classes, config.batch_size = 2, 4
+    dataset = input_pipeline.create_dataset(config)
+    assert dataset.train_size == 12  # listed: 10 good + 2 undecodable (truncated.jpg dropped)
+    steps = input_pipeline.steps_per_epoch(dataset.train_size, config)
+    assert steps == 3  # 12 examples needed, 10 decode: 2 come again from the epoch's start
+    with caplog.at_level(logging.WARNING):
+        batches = take(dataset.train_batches(0), steps + 1)  # the report comes at epoch end
+    assert all(b["image"].shape == (4, 1, 67, 67, 3) for b in batches)
+    epoch0 = np.concatenate([b["image"].reshape(4, -1) for b in batches[:steps]])
+    assert len({row.tobytes() for row in epoch0}) == 10  # every decodable image once, 2 twice
+    failed = [r.getMessage() for r in caplog.records if "failed to decode" in r.getMessage()]
+    assert any("garbage1.jpg: it failed to decode" in m for m in failed)
+    assert any("garbage2.jpg: it failed to decode" in m for m in failed)
+    assert not any(name in caplog.text for name in ("/0.png", "/1.jpg", "/4.png"))
+    assert "image_folder train, epoch 0: skipped 3 bad files (1 found when the folder was " \
+        "listed and named then, 2 failed to decode)" in caplog.text  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        evaluation = list(dataset.eval_batches())
+    assert sum(b["mask"].sum() for b in evaluation) == 10
+    assert "garbage3.jpg: it failed to decode" in caplog.text
+    assert "image_folder eval: skipped 2 bad files" in caplog.text  # with notes.png
+
+
 def test_image_folder_structural_problems_name_the_path(tmp_path):
     root = make_image_folder(tmp_path / "data")
     (root / "train" / "empty_class").mkdir()

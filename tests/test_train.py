@@ -293,3 +293,30 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
     assert [r["step"] for r in multi] == [r["step"] for r in single_records]
     for key in ("loss", "top1", "top5"):
         assert multi[-1][key] == pytest.approx(single_records[-1][key], rel=1e-4, abs=1e-6)
+
+
+def test_mean_image_is_averaged_saved_and_subtracted(tmp_path):
+    config = small_config(
+        num_train_steps=2, **{"input.normalization": "mean_image", "input.mean_image_batches": 3}
+    )
+    train.train_and_evaluate(config, str(tmp_path))
+    saved = np.load(tmp_path / input_pipeline.MEAN_IMAGE_FILE)
+    batches = input_pipeline.create_dataset(config).train_batches(0)
+    first = np.concatenate([next(batches)["image"].reshape(-1, 67, 67, 1) for _ in range(3)])
+    chex.assert_shape(saved, (67, 67, 1))
+    np.testing.assert_allclose(saved, first.mean(0), rtol=1e-5, atol=1e-6)
+    assert saved.std() > 0.1  # an image, not a constant
+
+    # The step subtracts it: the same update as feeding (image - mean) unnormalised.
+    lr_fn = optim.create_learning_rate_fn(config, 10)
+    batch = fixed_batch(jax.local_device_count())
+    with_mean, _ = train.make_steps(config, lr_fn, mean_image=saved)
+    plain, _ = train.make_steps(small_config(**{"input.normalization": "none"}), lr_fn)
+    shifted = dict(batch, image=batch["image"] - saved)
+    _, a = with_mean(new_state(config), batch)
+    _, b = plain(new_state(config), shifted)
+    chex.assert_trees_all_close(a, b, rtol=1e-5)
+
+    np.save(tmp_path / input_pipeline.MEAN_IMAGE_FILE, np.zeros((32, 32, 1), np.float32))
+    with pytest.raises(ValueError, match=r"mean_image.npy has shape \(32, 32, 1\).*\(67, 67, 1\)"):
+        train.train_and_evaluate(small_config(**{"input.normalization": "mean_image"}), str(tmp_path))
