@@ -135,9 +135,7 @@ def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
 
         local = {"train": len(process_shard(train_files)), "eval": len(process_shard(eval_files))}
         listed_bad = {"train": len(train_bad), "eval": len(eval_bad)}
-        return _build(
-            config, source, classes, len(train_files), len(eval_files), local, listed_bad
-        )
+        return _build(config, source, classes, len(train_files), len(eval_files), local, listed_bad)
     return _tfds_dataset(config)
 
 
@@ -301,13 +299,17 @@ def _build(
     eval_steps = math.ceil(math.ceil(eval_size / jax.process_count()) / local_eval_batch)
 
     def eval_batches() -> Iterator[Batch]:
-        ds = source("eval").enumerate().map(
-            lambda i, ex: {
-                "image": to_rgb(eval_fn(ex["image"])),
-                "label": tf.cast(ex["label"], tf.int32),
-                "index": i,
-            },
-            num_parallel_calls=autotune,
+        ds = (
+            source("eval")
+            .enumerate()
+            .map(
+                lambda i, ex: {
+                    "image": to_rgb(eval_fn(ex["image"])),
+                    "label": tf.cast(ex["label"], tf.int32),
+                    "index": i,
+                },
+                num_parallel_calls=autotune,
+            )
         )
         ds = ds.ignore_errors().batch(local_eval_batch).with_options(options)
         iterator = ds.prefetch(autotune).as_numpy_iterator()

@@ -195,8 +195,9 @@ def make_steps(
     """The pmap-ed train and eval steps: state unreplicated in, replicated out; state donated.
 
     ``devices`` defaults to every local device; ``mean_image`` is needed with
-    ``config.input.normalization="mean_image"`` (``input_pipeline.load_or_compute_mean_image``). The state is donated in single-process runs
-    only: on jax 0.10, donating an ``in_axes=None`` argument to a multi-process pmap deletes
+    ``config.input.normalization="mean_image"`` (see
+    ``input_pipeline.load_or_compute_mean_image``). The state is donated in single-process
+    runs only: on jax 0.10, donating an ``in_axes=None`` argument to a multi-process pmap deletes
     it before use ("Array has been deleted"), so several processes keep the extra copy.
     """
     donate = (0,) if jax.process_count() == 1 else ()

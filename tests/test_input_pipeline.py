@@ -102,9 +102,7 @@ def test_image_folder_skips_and_names_corrupt_files(tmp_path, caplog):
     assert sorted(labels.tolist()) == [0] * 6 + [1] * 6
 
 
-def test_files_that_fail_to_decode_are_named_each_epoch_and_the_epoch_stays_full(
-    tmp_path, caplog
-):
+def test_files_that_fail_to_decode_are_named_each_epoch_and_the_epoch_stays_full(tmp_path, caplog):
     """Files with a JPEG's first and last bytes but garbage between pass the listing check
     and fail in the decoder: they are dropped, named at the end of each epoch and of each
     evaluation, and the epoch is filled up from its beginning."""

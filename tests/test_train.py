@@ -318,5 +318,6 @@ def test_mean_image_is_averaged_saved_and_subtracted(tmp_path):
     chex.assert_trees_all_close(a, b, rtol=1e-5)
 
     np.save(tmp_path / input_pipeline.MEAN_IMAGE_FILE, np.zeros((32, 32, 1), np.float32))
-    with pytest.raises(ValueError, match=r"mean_image.npy has shape \(32, 32, 1\).*\(67, 67, 1\)"):
-        train.train_and_evaluate(small_config(**{"input.normalization": "mean_image"}), str(tmp_path))
+    config = small_config(**{"input.normalization": "mean_image"})
+    with pytest.raises(ValueError, match=r"mean_image.npy has shape \(32, 32, 1\).*\(67, 67"):
+        train.train_and_evaluate(config, str(tmp_path))
