@@ -33,6 +33,13 @@ from alexnet_jax.model import AlexNet
 
 AXIS = "batch"
 
+# XLA:CPU (jax 0.10) runs convolutions through YNNPACK fusions. For AlexNet's shapes on the
+# 2-core AMD EPYC we develop on they are 1.6-3.6x slower than XLA's Eigen convolutions, and
+# conv2's kernel gradient is 8x slower (3.4 s of a 6.2 s train step at batch 32); with them
+# off a step takes 2.5 s (benchmarks/compare_pytorch.py; README "Speed"). The steps are
+# compiled with this option on CPU unless config.xla_cpu_ynn_fusions is True.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
 
 class TrainState(struct.PyTreeNode):
     """Everything a run needs to continue exactly: checkpointed whole."""
@@ -201,6 +208,12 @@ def make_steps(
     it before use ("Array has been deleted"), so several processes keep the extra copy.
     """
     donate = (0,) if jax.process_count() == 1 else ()
+    platform = (devices or jax.local_devices())[0].platform
+    options = {}
+    # Compiled ahead of time to pass the options: single-process only, where arguments can be
+    # moved to the executable's shardings (several processes keep pmap's own placement).
+    if platform == "cpu" and jax.process_count() == 1 and not config.xla_cpu_ynn_fusions:
+        options = CPU_COMPILER_OPTIONS
     p_train_step = jax.pmap(
         functools.partial(
             train_step, learning_rate_fn=learning_rate_fn, config=config, mean_image=mean_image
@@ -218,7 +231,38 @@ def make_steps(
         out_axes=None,
         devices=devices,
     )
+    if options:
+        return CompiledWithOptions(p_train_step, options), CompiledWithOptions(p_eval_step, options)
     return p_train_step, p_eval_step
+
+
+class CompiledWithOptions:
+    """A pmap-ed function compiled ahead of time with XLA ``compiler_options`` (``jax.pmap``
+    takes none), once per input signature: tree structure, shapes and dtypes."""
+
+    def __init__(self, fn: Callable, compiler_options: dict[str, Any]):
+        self.fn = fn
+        self.compiler_options = dict(compiler_options)
+        self._compiled: dict[Any, Callable] = {}
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        key = (tree, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x))
+                           for x in leaves))  # fmt: skip
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            lowered = self.fn.lower(*args)
+            try:
+                compiled = lowered.compile(compiler_options=self.compiler_options)
+            except Exception as error:  # noqa: BLE001 - an XLA without these options
+                logging.warning(
+                    "Compiling without %s, which this XLA rejects: %s", self.compiler_options, error
+                )
+                compiled = lowered.compile()
+            self._compiled[key] = compiled
+        # pmap moves its arguments where they belong; a compiled executable wants them there.
+        args = jax.device_put(args, compiled.input_shardings[0])
+        return compiled(*args)
 
 
 def evaluate(p_eval_step: Callable, state: TrainState, batches: Iterator) -> dict[str, float]:
@@ -306,6 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info(
             "Resuming from the checkpoint at step %d in %s", restored_step, manager.directory
         )
+    if restored_step is None and config.init_from:
+        state = init_from(state, config)
     last_checkpoint = restored_step
 
     mean_image = None
@@ -390,6 +436,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if progress is not None:
             progress.close()
     return last_eval
+
+
+def init_from(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
+    """Fine-tuning: every layer from ``config.init_from``'s checkpoint (another run's or a
+    converted model's workdir); a new fc8 when the class count differs. Optimiser state
+    starts afresh."""
+    from alexnet_jax import evaluate
+
+    source, step = evaluate.params_from_workdir(config.init_from, config.init_from_checkpoint)
+    name = f"{config.init_from} (step {step})"
+    params = evaluate.transfer_params(state.params, source, name)
+    logging.info("Initialised from %s", name)
+    return state.replace(params=params, opt_state=state.tx.init(params))
 
 
 def _plateau_after_eval(

@@ -53,7 +53,13 @@ def get_config() -> ml_collections.ConfigDict:
             overlap_pool=True,
         )
     )
+    # Fine-tuning: a workdir (a run's, or python -m alexnet_jax.convert's) to start from; its
+    # layers are copied, fc8 re-initialised when num_classes differs. Ignored on resume.
+    config.init_from = ""
+    config.init_from_checkpoint = "best"  # best | latest | a step number
     config.half_precision = False  # bfloat16 computation, float32 parameters and optimiser
+    # True keeps XLA:CPU's YNNPACK convolution fusions, 2.5x slower here (train.py explains)
+    config.xla_cpu_ynn_fusions = False
 
     # Optimiser (alexnet_jax/optim.py): the paper's SGD.
     config.batch_size = 64  # global, over all devices and processes
