@@ -30,7 +30,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from alexnet_jax import model as model_lib  # noqa: E402
@@ -42,7 +41,7 @@ IMAGE_SIZE = {"paper": 227, "torchvision": 224}
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
 
 
-def jax_config(args) -> "ml_collections.ConfigDict":  # noqa: F821
+def jax_config(args):
     config = default.get_config()
     config.dataset = "synthetic"
     config.num_classes = 1000
