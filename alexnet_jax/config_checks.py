@@ -124,6 +124,11 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
         )
     if c.dataset in ("image_folder", "imagenet2012") and c.data_dir:
         _require(os.path.isdir(c.data_dir), f"config.data_dir={c.data_dir!r} is not a directory")
+    if c.init_from:
+        _require(
+            os.path.isfile(os.path.join(c.init_from, "config.json")),
+            f"config.init_from={c.init_from!r} is not a run's workdir (it has no config.json)",
+        )
     if workdir is not None:
         check_workdir(workdir)
 

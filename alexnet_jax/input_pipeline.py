@@ -147,26 +147,44 @@ def load_or_compute_mean_image(
 # --- digits: the embedded default ------------------------------------------------------------
 
 
+def _upscale(image: np.ndarray, image_size: int) -> np.ndarray:
+    """A float image in [0, 1] bilinearly resized to image_size x image_size, clipped."""
+    from PIL import Image
+
+    resized = Image.fromarray(image.astype(np.float32), mode="F").resize(
+        (image_size, image_size), Image.BILINEAR
+    )
+    return np.clip(np.asarray(resized), 0.0, 1.0)
+
+
 def load_digits(image_size: int, channels: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits as float32 images in [0, 1], bilinearly upscaled: (1797, S, S, C)."""
-    from PIL import Image
     from sklearn.datasets import load_digits as sklearn_digits
 
     digits = sklearn_digits()
-    images = np.stack(
-        [
-            np.asarray(
-                Image.fromarray(image.astype(np.float32) / 16.0, mode="F").resize(
-                    (image_size, image_size), Image.BILINEAR
-                )
-            )
-            for image in digits.images
-        ]
-    )[..., None]
-    images = np.clip(images, 0.0, 1.0)
+    images = np.stack([_upscale(image / 16.0, image_size) for image in digits.images])[..., None]
     if channels == 3:
         images = np.repeat(images, 3, axis=-1)
     return images.astype(np.float32), digits.target.astype(np.int32)
+
+
+def digits_statistics(image_size: int) -> tuple[float, float]:
+    """Mean and std of the digits training split: the standardisation the source applies."""
+    images, labels = load_digits(image_size)
+    train_idx, _ = split_digits(len(labels))
+    return float(images[train_idx].mean()), float(images[train_idx].std())
+
+
+def digits_like(image, config: ml_collections.ConfigDict) -> np.ndarray:
+    """A grayscale PIL image made to look like the digits source's: reduced to 8x8 (the
+    digits' resolution), upscaled like them and standardised with their statistics.
+    Digits are light strokes on a dark ground."""
+    small = np.asarray(image.convert("L").resize((8, 8), 4), np.float32) / 255.0  # 4: BOX
+    mean, std = digits_statistics(config.image_size)
+    pixels = ((_upscale(small, config.image_size) - mean) / std)[..., None]
+    if config.grayscale_to_rgb:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    return pixels.astype(np.float32)
 
 
 def split_digits(num_examples: int) -> tuple[np.ndarray, np.ndarray]:

@@ -42,8 +42,11 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of ``WORKDIR/metrics.jsonl``, in order."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    """The records of ``WORKDIR/metrics.jsonl``, in order; none if there is no such file."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 

@@ -1,0 +1,197 @@
+"""torchvision's pretrained AlexNet in Flax, and a workdir that eval, predict and fine-tuning use.
+
+    from alexnet_jax import convert, model
+    variables = convert.torchvision_to_flax(torch.load("alexnet-owt-7be5be79.pth"))
+    logits = model.AlexNet(variant="torchvision").apply(variables, images)  # NHWC, 224x224
+
+    python -m alexnet_jax.convert alexnet-owt-7be5be79.pth --workdir runs/torchvision
+    python main.py --mode=eval --workdir runs/torchvision --config configs/imagenet.py \
+        --config.model.variant=torchvision --config.image_size=224 \
+        --config.input.normalization=mean_std --config.input.eval_crops=1
+
+Layout: torchvision's ``features.{0,3,6,8,10}`` are conv1..conv5 and ``classifier.{1,4,6}``
+fc6, fc7, fc8. Conv kernels go from (out, in, h, w) to (h, w, in, out), dense kernels from
+(out, in) to (in, out). fc6 needs more: torchvision flattens its 256x6x6 features in NCHW
+order (c, h, w), this model in NHWC order (h, w, c), so fc6's input rows are permuted.
+torchvision expects images normalised with ImageNet's mean and std in [0, 1] units
+(``config.input.normalization="mean_std"``, the default ``mean_rgb``/``std_rgb``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+CONVS = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6",
+         "conv4": "features.8", "conv5": "features.10"}  # fmt: skip
+DENSES = {"fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}
+# torchvision's AlexNet, (out, in, ...) as PyTorch stores them; fc8's rows are the classes.
+TORCH_SHAPES = {
+    "features.0.weight": (64, 3, 11, 11),
+    "features.3.weight": (192, 64, 5, 5),
+    "features.6.weight": (384, 192, 3, 3),
+    "features.8.weight": (256, 384, 3, 3),
+    "features.10.weight": (256, 256, 3, 3),
+    "classifier.1.weight": (4096, 256 * 6 * 6),
+    "classifier.4.weight": (4096, 4096),
+    "classifier.6.weight": (None, 4096),  # any number of classes
+}
+POOLED = (256, 6, 6)  # what torchvision's avgpool hands to fc6: (channels, height, width)
+
+
+def _array(value: Any, key: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch.Tensor
+        value = value.detach().cpu().float().numpy()
+    array = np.asarray(value, dtype=np.float32)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"torchvision state_dict entry {key!r} holds NaN or inf values")
+    return array
+
+
+def torchvision_to_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Maps torchvision's ``alexnet`` ``state_dict`` to ``AlexNet(variant="torchvision")``
+    variables ``{"params": ...}``: the logits are PyTorch's, for NHWC instead of NCHW images.
+
+    ``state_dict`` maps names to tensors or arrays (a ``"module."`` prefix, as saved from
+    ``DataParallel``, is dropped). The number of classes is fc8's. A missing entry or a
+    tensor of the wrong shape raises ``ValueError`` naming it, its shape and the expected one.
+    """
+    entries = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    expected = {f"{name}.{kind}" for name in (*CONVS.values(), *DENSES.values())
+                for kind in ("weight", "bias")}  # fmt: skip
+    missing = sorted(expected - set(entries))
+    if missing:
+        raise ValueError(
+            f"The state_dict is not torchvision's AlexNet: missing {missing}"
+            f" (it has {sorted(entries)[:12]}{'...' if len(entries) > 12 else ''})"
+        )
+    arrays = {key: _array(entries[key], key) for key in sorted(expected)}
+    for key, shape in TORCH_SHAPES.items():
+        got = arrays[key].shape
+        if len(got) != len(shape) or any(
+            e is not None and e != g for e, g in zip(shape, got, strict=True)
+        ):
+            want = "(classes, 4096)" if shape[0] is None else str(shape)
+            raise ValueError(f"state_dict[{key!r}] has shape {got}, expected {want}")
+        bias = key.replace("weight", "bias")
+        if arrays[bias].shape != (got[0],):
+            raise ValueError(f"state_dict[{bias!r}] has shape {arrays[bias].shape}, "
+                             f"expected ({got[0]},)")  # fmt: skip
+
+    params: dict[str, Any] = {}
+    for name, prefix in CONVS.items():
+        params[name] = {
+            "kernel": arrays[f"{prefix}.weight"].transpose(2, 3, 1, 0),  # OIHW -> HWIO
+            "bias": arrays[f"{prefix}.bias"],
+        }
+    for name, prefix in DENSES.items():
+        weight = arrays[f"{prefix}.weight"]  # (out, in)
+        if name == "fc6":  # rows indexed (c, h, w) by torchvision, (h, w, c) here
+            weight = weight.reshape((weight.shape[0],) + POOLED).transpose(0, 2, 3, 1)
+            weight = weight.reshape(weight.shape[0], -1)
+        params[name] = {"kernel": np.ascontiguousarray(weight.T), "bias": arrays[f"{prefix}.bias"]}
+    return {"params": params}
+
+
+def load_pth(path: str) -> dict[str, Any]:
+    """A ``.pth`` file's state_dict (tensors only: ``weights_only=True``), as numpy arrays."""
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            "Reading a .pth file needs PyTorch: pip install torch (the CPU build is enough)"
+        ) from error
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such .pth file: {path!r}")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises several types for bad files
+        raise ValueError(f"{path!r} is not a readable PyTorch state_dict: {error}") from error
+    if isinstance(loaded, Mapping) and "state_dict" in loaded:
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{path!r} holds a {type(loaded).__name__}, not a state_dict")
+    return {key: value.numpy() for key, value in loaded.items() if hasattr(value, "numpy")}
+
+
+def torchvision_config(num_classes: int):
+    """The config that evaluates torchvision's weights as torchvision does: 224 centre crop
+    of the image resized to 256, ImageNet mean/std, ``variant="torchvision"``."""
+    from configs import imagenet
+
+    config = imagenet.get_config()
+    config.num_classes = num_classes
+    config.image_size = 224
+    config.model.variant = "torchvision"
+    config.model.initializer = "torch"
+    config.input.normalization = "mean_std"
+    config.input.pca_lighting_std = 0.0
+    config.input.eval_crops = 1
+    config.lr_schedule = "constant"
+    return config
+
+
+def write_workdir(variables: dict[str, Any], workdir: str, class_names: list[str] | None = None):
+    """A workdir holding ``variables`` as a step-0 checkpoint, ``config.json`` and class names:
+    ``main.py --mode=eval|predict --workdir`` and ``config.init_from`` read it."""
+    import jax
+
+    from alexnet_jax import checkpointing, train
+
+    num_classes = variables["params"]["fc8"]["kernel"].shape[1]
+    config = torchvision_config(num_classes)
+    os.makedirs(workdir, exist_ok=True)
+    manager = checkpointing.create_manager(workdir, config)
+    if manager.latest_step() is not None:
+        raise FileExistsError(f"{workdir!r} already holds checkpoints; choose an empty workdir")
+    model = train.create_model(config, num_classes)
+    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (224, 224, 3))
+    state = state.replace(params=jax.tree_util.tree_map(np.asarray, variables["params"]))
+    state = state.replace(opt_state=state.tx.init(state.params))
+    checkpointing.save(manager, 0, state)
+    manager.wait_until_finished()
+    manager.close()
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    names = class_names or imagenet_class_names(num_classes)
+    with open(os.path.join(workdir, "class_names.txt"), "w") as f:
+        f.write("\n".join(names) + "\n")
+    return config
+
+
+def imagenet_class_names(num_classes: int = 1000) -> list[str]:
+    """ImageNet's 1000 synset ids in TFDS's (sorted) order, read from the installed
+    tensorflow-datasets without importing it; else (or for other counts) "0".."n-1"."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tensorflow_datasets")
+    if num_classes == 1000 and spec and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            path = os.path.join(root, "datasets", "imagenet2012", "labels.txt")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    names = f.read().split()
+                if len(names) == 1000:
+                    return names
+    return [str(i) for i in range(num_classes)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Converts torchvision's AlexNet .pth into a workdir with a checkpoint."
+    )
+    parser.add_argument("pth", help="a torchvision alexnet state_dict, e.g. alexnet-owt-*.pth")
+    parser.add_argument("--workdir", required=True, help="new workdir for the checkpoint")
+    args = parser.parse_args(argv)
+    variables = torchvision_to_flax(load_pth(args.pth))
+    config = write_workdir(variables, args.workdir)
+    print(json.dumps({"workdir": args.workdir, "num_classes": config.num_classes}))
+
+
+if __name__ == "__main__":
+    main()
