@@ -49,14 +49,13 @@ def test_eval_mode_reproduces_the_training_evaluation_and_writes_its_files(digit
         assert png.size[0] > 300
     logged = [r for r in read_metrics(digits_run) if r["split"] == "eval_checkpoint"]
     assert logged[-1]["top1"] == pytest.approx(record["top1"])
-    (latest,) = evaluate.evaluate_checkpoint(config, digits_run, "latest")
-    assert latest["step"] == 6
 
 
 def test_checkpoint_choice_and_errors(digits_run, tmp_path):
     config = evaluate.load_run_config(digits_run)
     state, step = evaluate.restore_state(config, digits_run, 4)  # the latest two: 4 and 6
     assert step == 4 and int(state.step) == 4
+    assert evaluate.restore_state(config, digits_run, "latest")[1] == 6
     with pytest.raises(FileNotFoundError, match="No checkpoint at step 5 in .*checkpoints"):
         evaluate.restore_state(config, digits_run, 5)
     with pytest.raises(ValueError, match="use best, latest or a step number"):
@@ -217,8 +216,18 @@ def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
         chex.assert_trees_all_equal(tuned.params[layer], source[layer])
     chex.assert_shape(tuned.params["fc8"]["kernel"], (4096, 2))
     chex.assert_trees_all_equal(tuned.params["fc8"], state.params["fc8"])  # fresh head
-    result = train.train_and_evaluate(config, str(tmp_path / "tuned"))  # runs end to end
+    tuned_dir = str(tmp_path / "tuned")
+    result = train.train_and_evaluate(config, tuned_dir)  # runs end to end
     assert 0.0 <= result["top1"] <= 1.0
+
+    # --mode=eval on an image folder: the centre crop as in training, and the 10 crops.
+    centre, ten = evaluate.evaluate_checkpoint(config, tuned_dir, "latest")
+    assert (centre["crops"], ten["crops"]) == (1, 10) and centre["count"] == ten["count"] == 12
+    assert centre["top1"] == pytest.approx(result["top1"], abs=1e-6)
+    assert centre["loss"] == pytest.approx(result["loss"], rel=1e-4)
+    for tag in ("centre", "10crop"):
+        with open(os.path.join(tuned_dir, f"per_class_accuracy_{tag}.csv")) as f:
+            assert [row["name"] for row in csv.DictReader(f)] == ["cat", "dog"]
 
     config.model.variant = "torchvision"  # another architecture: 64 conv1 filters
     state = train.create_train_state(

@@ -307,17 +307,17 @@ def test_mean_image_is_averaged_saved_and_subtracted(tmp_path):
     np.testing.assert_allclose(saved, first.mean(0), rtol=1e-5, atol=1e-6)
     assert saved.std() > 0.1  # an image, not a constant
 
-    # The step subtracts it: the same update as feeding (image - mean) unnormalised.
-    lr_fn = optim.create_learning_rate_fn(config, 10)
-    batch = fixed_batch(jax.local_device_count())
-    with_mean, _ = train.make_steps(config, lr_fn, mean_image=saved)
-    plain, _ = train.make_steps(small_config(**{"input.normalization": "none"}), lr_fn)
-    shifted = dict(batch, image=batch["image"] - saved)
-    _, a = with_mean(new_state(config), batch)
-    _, b = plain(new_state(config), shifted)
-    chex.assert_trees_all_close(a, b, rtol=1e-5)
+    # Subtracted on the device from uint8 and float images alike.
+    batch = fixed_batch(1)["image"][0]
+    np.testing.assert_allclose(train.normalize_images(batch, config, saved), batch - saved)
+    pixels = (batch * 255).astype(np.uint8)
+    np.testing.assert_allclose(
+        train.normalize_images(pixels, config, saved), pixels.astype(np.float32) - saved
+    )
+    with pytest.raises(ValueError, match="needs the mean image"):
+        train.normalize_images(batch, config)
 
     np.save(tmp_path / input_pipeline.MEAN_IMAGE_FILE, np.zeros((32, 32, 1), np.float32))
-    config = small_config(**{"input.normalization": "mean_image"})
+    dataset = input_pipeline.create_dataset(config)
     with pytest.raises(ValueError, match=r"mean_image.npy has shape \(32, 32, 1\).*\(67, 67"):
-        train.train_and_evaluate(config, str(tmp_path))
+        input_pipeline.load_or_compute_mean_image(config, dataset, str(tmp_path))

@@ -1,0 +1,41 @@
+"""The side-by-side benchmark compares like with like: the same network in both frameworks."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+
+import compare_pytorch  # noqa: E402
+
+from alexnet_jax import model  # noqa: E402
+
+
+@pytest.mark.parametrize("variant,size,params", [("paper", 227, 62_378_344),
+                                                 ("torchvision", 224, 61_100_840)])  # fmt: skip
+def test_the_pytorch_network_is_ours(variant, size, params):
+    net = compare_pytorch.torch_alexnet(variant)
+    assert sum(p.numel() for p in net.parameters()) == params
+    ours = model.AlexNet(variant=variant).init(
+        jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32)
+    )
+    assert model.count_params(ours["params"]) == params
+    shapes = [tuple(p.shape) for p in net.parameters() if p.ndim == 4]  # conv kernels, OIHW
+    kernels = [ours["params"][f"conv{i}"]["kernel"].shape for i in range(1, 6)]  # HWIO
+    assert shapes == [(k[3], k[2], k[0], k[1]) for k in kernels]
+    with torch.no_grad():
+        out = net.eval()(torch.zeros(1, 3, size, size))
+    assert tuple(out.shape) == (1, 1000)
+
+
+def test_forward_flops_are_the_layer_arithmetic():
+    # multiply-adds, layer by layer: out_h * out_w * filters * (k * k * in_channels), fc in*out
+    paper = (55 * 55 * 96 * 363 + 27 * 27 * 256 * 2400 + 13 * 13 * 384 * 2304
+             + 13 * 13 * 384 * 3456 + 13 * 13 * 256 * 3456 + 9216 * 4096 + 4096 * 4096
+             + 4096 * 1000)  # fmt: skip
+    assert compare_pytorch.forward_flops("paper", 227) == 2 * paper == 2_270_512_192
+    assert compare_pytorch.forward_flops("torchvision", 224) == 1_428_376_960
