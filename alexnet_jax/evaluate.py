@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -226,6 +227,9 @@ def evaluate_checkpoint(
                 axis_name=train.AXIS,
                 in_axes=(None, 0),
             )
+            options = train.compiler_options(run) if jax.process_count() == 1 else {}
+            if options:
+                step_fn = train.CompiledWithOptions(step_fn, options)
             confusion = np.zeros((config.num_classes, config.num_classes), np.int64)
             top5_hits = np.zeros(config.num_classes, np.int64)
             loss_sum = 0.0
@@ -350,7 +354,7 @@ def predict_files(
             raise FileNotFoundError(f"The run subtracts a mean image but {path!r} is missing")
         mean_image = np.load(path)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=train.compiler_options(config) or None)
     def probabilities(params, images):
         x = train.normalize_images(images, config, mean_image)
         return jax.nn.softmax(state.apply_fn({"params": params}, x))
