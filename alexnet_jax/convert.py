@@ -6,8 +6,8 @@
 
     python -m alexnet_jax.convert alexnet-owt-7be5be79.pth --workdir runs/torchvision
     python main.py --mode=eval --workdir runs/torchvision --config configs/imagenet.py \
-        --config.model.variant=torchvision --config.image_size=224 \
-        --config.input.normalization=mean_std --config.input.eval_crops=1
+        --config.data_dir=/path/to/tensorflow_datasets --config.model.variant=torchvision \
+        --config.image_size=224 --config.input.normalization=mean_std
 
 Layout: torchvision's ``features.{0,3,6,8,10}`` are conv1..conv5 and ``classifier.{1,4,6}``
 fc6, fc7, fc8. Conv kernels go from (out, in, h, w) to (h, w, in, out), dense kernels from

@@ -241,6 +241,13 @@ def evaluate_checkpoint(
                 np.add.at(confusion, (labels, top5[:, 0]), 1)
                 np.add.at(top5_hits, labels, (top5 == labels[:, None]).any(-1))
                 loss_sum += float(out["loss"].reshape(-1)[keep].sum())
+            if jax.process_count() > 1:  # each process saw its own shard: add them up
+                from jax.experimental import multihost_utils
+
+                confusion, top5_hits, loss_sum = (
+                    np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
+                    for x in (confusion, top5_hits, np.asarray(loss_sum))
+                )
             count = int(confusion.sum())
             tag = "centre" if crops == 1 else "10crop"
             record = {
@@ -248,17 +255,21 @@ def evaluate_checkpoint(
                 "split": "eval_checkpoint",
                 "crops": crops,
                 "count": count,
-                "loss": loss_sum / max(count, 1),
+                "loss": float(loss_sum) / max(count, 1),
                 "top1": float(np.trace(confusion)) / max(count, 1),
                 "top5": float(top5_hits.sum()) / max(count, 1),
             }
             writer.write(record)
-            write_per_class_csv(
-                os.path.join(workdir, f"per_class_accuracy_{tag}.csv"), names, confusion, top5_hits
-            )
-            plot_confusion(
-                os.path.join(workdir, f"confusion_matrix_{tag}.png"), confusion, names, record
-            )
+            if jax.process_index() == 0:
+                write_per_class_csv(
+                    os.path.join(workdir, f"per_class_accuracy_{tag}.csv"),
+                    names,
+                    confusion,
+                    top5_hits,
+                )
+                plot_confusion(
+                    os.path.join(workdir, f"confusion_matrix_{tag}.png"), confusion, names, record
+                )
             logging.info("checkpoint %d, %s: %s", step, tag, record)
             results.append(record)
     finally:

@@ -131,11 +131,14 @@ def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
             )
             shard = process_shard(files)
             ds = tf.data.Dataset.from_tensor_slices((np.asarray(files)[shard], labels[shard]))
-            return ds.map(lambda f, y: {"image": tf.io.read_file(f), "label": y, "name": f})
+            # Files are read where they are decoded: naming a failed one reads no images.
+            return ds.map(lambda f, y: {"image": f, "label": y, "name": f})
 
         local = {"train": len(process_shard(train_files)), "eval": len(process_shard(eval_files))}
         listed_bad = {"train": len(train_bad), "eval": len(eval_bad)}
-        return _build(config, source, classes, len(train_files), len(eval_files), local, listed_bad)
+        return _build(
+            config, source, classes, len(train_files), len(eval_files), local, listed_bad, True
+        )
     return _tfds_dataset(config)
 
 
@@ -201,12 +204,14 @@ def _build(
     eval_size: int,
     local_sizes: dict[str, int],
     listed_bad: dict[str, int] | None = None,
+    read_files: bool = False,
 ) -> Dataset:
     """The Dataset over ``source(split)``: raw examples {"image": encoded, "label", "name"}.
 
     ``local_sizes`` holds this process's number of raw examples per split ("train",
     "eval"); ``listed_bad`` the files already dropped per split (named when they were
-    found), for the report at the end of every epoch.
+    found), for the report at the end of every epoch. With ``read_files`` the examples'
+    "image" is a file path, read just before decoding.
     """
     tf = _tensorflow()
     listed_bad = listed_bad or {"train": 0, "eval": 0}
@@ -239,6 +244,9 @@ def _build(
         options.threading.private_threadpool_size = config.input.threads
     autotune = tf.data.AUTOTUNE
 
+    def encoded(ex):
+        return tf.io.read_file(ex["image"]) if read_files else ex["image"]
+
     def to_rgb(image):
         return tf.image.grayscale_to_rgb(image) if channels != config.channels else image
 
@@ -260,7 +268,7 @@ def _build(
         ds = ds.enumerate().skip(start)
         ds = ds.map(
             lambda i, ex: {
-                "image": to_rgb(train_fn(ex["image"], tf.stack([tf.cast(seed, tf.int64), i]))),
+                "image": to_rgb(train_fn(encoded(ex), tf.stack([tf.cast(seed, tf.int64), i]))),
                 "label": tf.cast(ex["label"], tf.int32),
                 "index": i,
             },
@@ -304,7 +312,7 @@ def _build(
             .enumerate()
             .map(
                 lambda i, ex: {
-                    "image": to_rgb(eval_fn(ex["image"])),
+                    "image": to_rgb(eval_fn(encoded(ex))),
                     "label": tf.cast(ex["label"], tf.int32),
                     "index": i,
                 },
