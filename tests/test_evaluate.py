@@ -216,7 +216,7 @@ def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
         chex.assert_trees_all_equal(tuned.params[layer], source[layer])
     chex.assert_shape(tuned.params["fc8"]["kernel"], (4096, 2))
     chex.assert_trees_all_equal(tuned.params["fc8"], state.params["fc8"])  # fresh head
-    wrong = small_config(dataset="image_folder", data_dir=str(root), num_classes=3)
+    wrong = small_config(dataset="image_folder", data_dir=str(root), num_classes=3, batch_size=8)
     with pytest.raises(ValueError, match=r"num_classes=3 but 'image_folder' has 2 classes"):
         train.train_and_evaluate(wrong, str(tmp_path / "wrong"))
     tuned_dir = str(tmp_path / "tuned")
