@@ -19,6 +19,7 @@ batch. Sources:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 
 import jax
@@ -124,8 +125,6 @@ def load_or_compute_mean_image(
     ``--mode=predict`` subtract the same one. A file of the wrong shape is an error naming
     the file and both shapes.
     """
-    import os
-
     path = config.input.mean_image_path or os.path.join(workdir, MEAN_IMAGE_FILE)
     if os.path.exists(path):
         mean = np.load(path)
@@ -179,7 +178,10 @@ def digits_like(image, config: ml_collections.ConfigDict) -> np.ndarray:
     """A grayscale PIL image made to look like the digits source's: reduced to 8x8 (the
     digits' resolution), upscaled like them and standardised with their statistics.
     Digits are light strokes on a dark ground."""
-    small = np.asarray(image.convert("L").resize((8, 8), 4), np.float32) / 255.0  # 4: BOX
+    from PIL import Image
+
+    small = np.asarray(image.convert("L").resize((8, 8), Image.Resampling.BOX), np.float32)
+    small = small / 255.0
     mean, std = digits_statistics(config.image_size)
     pixels = ((_upscale(small, config.image_size) - mean) / std)[..., None]
     if config.grayscale_to_rgb:
