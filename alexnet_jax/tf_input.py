@@ -262,7 +262,9 @@ def _build(
         """Examples ``start``... of the epoch, augmented, with their positions in ``index``.
 
         Skipped examples are never decoded; one that fails to decode is dropped here and
-        named by the epoch's report (its index is missing from the batches).
+        named by the epoch's report (its index is missing from the batches). The skip counts
+        raw examples, so a resume is exact unless an image before the resume point failed
+        to decode (that shifts the batch boundaries after it).
         """
         ds, seed = shuffled(epoch)
         ds = ds.enumerate().skip(start)
