@@ -156,11 +156,7 @@ def write_workdir(variables: dict[str, Any], workdir: str, class_names: list[str
     checkpointing.save(manager, 0, state)
     manager.wait_until_finished()
     manager.close()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    names = class_names or imagenet_class_names(num_classes)
-    with open(os.path.join(workdir, "class_names.txt"), "w") as f:
-        f.write("\n".join(names) + "\n")
+    train.write_run_files(workdir, config, class_names or imagenet_class_names(num_classes))
     return config
 
 

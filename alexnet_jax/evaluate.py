@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from alexnet_jax import checkpointing, input_pipeline, train
 from alexnet_jax.metrics import MetricsWriter, read_metrics
@@ -88,8 +89,8 @@ def check_fits(manager, step: int, template: train.TrainState, config) -> None:
     saved_params = _saved_params_metadata(manager, step)
     expected = jax.tree_util.tree_map(lambda x: tuple(x.shape), template.params)
     got = jax.tree_util.tree_map(lambda m: tuple(m.shape), saved_params)
-    flat_expected = dict(_flatten(expected))
-    flat_got = dict(_flatten(got))
+    flat_expected = traverse_util.flatten_dict(expected, sep="/")
+    flat_got = traverse_util.flatten_dict(got, sep="/")
     problems = [
         f"{name}: checkpoint {flat_got.get(name)}, model {shape}"
         for name, shape in flat_expected.items()
@@ -119,15 +120,6 @@ def _saved_params_metadata(manager, step: int) -> Any:
     if not isinstance(tree, dict) or "params" not in tree:
         raise ValueError(f"{path!r} is not an alexnet_jax checkpoint: it saves no 'params'")
     return tree["params"]
-
-
-def _flatten(tree: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if isinstance(tree, dict):
-        items = []
-        for key, value in tree.items():
-            items += _flatten(value, f"{prefix}/{key}" if prefix else str(key))
-        return items
-    return [(prefix, tree)]
 
 
 def restore_state(
@@ -183,20 +175,10 @@ def transfer_params(target: dict, source: dict, source_name: str) -> dict:
 
 def predict_step(state: train.TrainState, batch: dict, *, config, mean_image=None) -> dict:
     """Per-example top-5 classes and loss (10-crop softmaxes averaged), for one device."""
-    images = train.normalize_images(batch["image"], config, mean_image)
-    if images.ndim == 5:
-        n, crops = images.shape[:2]
-        logits = state.apply_fn(
-            {"params": state.params}, images.reshape((n * crops,) + images.shape[2:])
-        )
-        probs = jax.nn.softmax(logits).reshape((n, crops, -1)).mean(axis=1)
-    else:
-        probs = jax.nn.softmax(state.apply_fn({"params": state.params}, images))
-    k = min(5, probs.shape[-1])
-    label_prob = jnp.take_along_axis(probs, batch["label"][:, None], axis=-1)[:, 0]
+    logits = train.eval_logits(state, train.normalize_images(batch["image"], config, mean_image))
     return {
-        "top5": jax.lax.top_k(probs, k)[1],
-        "loss": -jnp.log(jnp.maximum(label_prob, 1e-30)),
+        "top5": jax.lax.top_k(logits, min(5, logits.shape[-1]))[1],
+        "loss": train.classification_metrics(logits, batch["label"])["loss"],
         "label": batch["label"],
         "mask": batch["mask"],
     }
@@ -360,7 +342,7 @@ def predict_files(
     names = class_names(workdir, config.num_classes)
     mean_image = None
     if config.input.normalization == "mean_image":
-        path = config.input.mean_image_path or os.path.join(workdir, input_pipeline.MEAN_IMAGE_FILE)
+        path = input_pipeline.mean_image_path(config, workdir)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"The run subtracts a mean image but {path!r} is missing")
         mean_image = np.load(path)

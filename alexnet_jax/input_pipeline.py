@@ -116,6 +116,11 @@ def compute_mean_image(dataset: Dataset, num_batches: int) -> np.ndarray:
     return (total / count).astype(np.float32)
 
 
+def mean_image_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where a run's mean image is: ``config.input.mean_image_path`` or the workdir's."""
+    return config.input.mean_image_path or os.path.join(workdir, MEAN_IMAGE_FILE)
+
+
 def load_or_compute_mean_image(
     config: ml_collections.ConfigDict, dataset: Dataset, workdir: str
 ) -> np.ndarray:
@@ -125,7 +130,7 @@ def load_or_compute_mean_image(
     ``--mode=predict`` subtract the same one. A file of the wrong shape is an error naming
     the file and both shapes.
     """
-    path = config.input.mean_image_path or os.path.join(workdir, MEAN_IMAGE_FILE)
+    path = mean_image_path(config, workdir)
     if os.path.exists(path):
         mean = np.load(path)
         if mean.shape != tuple(dataset.image_shape):
@@ -167,10 +172,10 @@ def load_digits(image_size: int, channels: int = 1) -> tuple[np.ndarray, np.ndar
     return images.astype(np.float32), digits.target.astype(np.int32)
 
 
-def digits_statistics(image_size: int) -> tuple[float, float]:
-    """Mean and std of the digits training split: the standardisation the source applies."""
-    images, labels = load_digits(image_size)
-    train_idx, _ = split_digits(len(labels))
+def digits_statistics(images: np.ndarray) -> tuple[float, float]:
+    """Mean and std of the digits training split of ``images`` (all 1,797, as loaded): the
+    standardisation the digits source applies."""
+    train_idx, _ = split_digits(len(images))
     return float(images[train_idx].mean()), float(images[train_idx].std())
 
 
@@ -182,7 +187,7 @@ def digits_like(image, config: ml_collections.ConfigDict) -> np.ndarray:
 
     small = np.asarray(image.convert("L").resize((8, 8), Image.Resampling.BOX), np.float32)
     small = small / 255.0
-    mean, std = digits_statistics(config.image_size)
+    mean, std = digits_statistics(load_digits(config.image_size)[0])
     pixels = ((_upscale(small, config.image_size) - mean) / std)[..., None]
     if config.grayscale_to_rgb:
         pixels = np.repeat(pixels, 3, axis=-1)
@@ -199,7 +204,7 @@ def split_digits(num_examples: int) -> tuple[np.ndarray, np.ndarray]:
 def _digits(config: ml_collections.ConfigDict) -> Dataset:
     images, labels = load_digits(config.image_size, 3 if config.grayscale_to_rgb else 1)
     train_idx, eval_idx = split_digits(len(labels))
-    mean, std = images[train_idx].mean(), images[train_idx].std()
+    mean, std = digits_statistics(images)
     images = (images - mean) / std  # standardised with the training split's statistics
     return _in_memory_dataset(
         config,

@@ -167,6 +167,18 @@ def train_step(
     return new_state, metrics
 
 
+def eval_logits(state: TrainState, images: jax.Array) -> jax.Array:
+    """Evaluation-mode logits; for 10-crop images (N, 10, H, W, C) the log of the crops'
+    averaged softmax (whose softmax is that average)."""
+    if images.ndim == 5:
+        n, crops = images.shape[:2]
+        logits = state.apply_fn(
+            {"params": state.params}, images.reshape((n * crops,) + images.shape[2:])
+        )
+        return jnp.log(jax.nn.softmax(logits).reshape((n, crops, -1)).mean(axis=1))
+    return state.apply_fn({"params": state.params}, images)
+
+
 def eval_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -178,16 +190,7 @@ def eval_step(
 
     With 10-crop images (N, 10, H, W, C) the softmaxes of the crops are averaged.
     """
-    images = normalize_images(batch["image"], config, mean_image)
-    if images.ndim == 5:
-        n, crops = images.shape[:2]
-        logits = state.apply_fn(
-            {"params": state.params}, images.reshape((n * crops,) + images.shape[2:])
-        )
-        probs = jax.nn.softmax(logits).reshape((n, crops, -1)).mean(axis=1)
-        logits = jnp.log(probs)
-    else:
-        logits = state.apply_fn({"params": state.params}, images)
+    logits = eval_logits(state, normalize_images(batch["image"], config, mean_image))
     per_example = classification_metrics(logits, batch["label"])
     mask = batch["mask"]
     sums = {k: (v * mask).sum() for k, v in per_example.items()}
@@ -323,6 +326,14 @@ def _check_finite(state: TrainState, last_checkpoint: int | None) -> None:
         )
 
 
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, class_names: list[str]):
+    """``config.json`` and ``class_names.txt``: what eval, predict and init_from read back."""
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "class_names.txt"), "w") as f:
+        f.write("\n".join(class_names) + "\n")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds checkpoints) and returns the last eval."""
     validate_config(config, workdir)
@@ -348,10 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )  # fmt: skip
     logging.info("Config:\n%s", config)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        with open(os.path.join(workdir, "class_names.txt"), "w") as f:
-            f.write("\n".join(dataset.class_names) + "\n")
+        write_run_files(workdir, config, dataset.class_names)
 
     model = create_model(config, dataset.num_classes)
     learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
