@@ -168,17 +168,56 @@ def coded_image(height=20, width=30):
     return tf.constant(np.repeat((y * 100 + x)[..., None], 3, -1).astype(np.float32))
 
 
-def test_every_random_crop_is_a_window_inside_the_image():
-    image = coded_image()
+def test_random_crop_offsets_cover_the_positions_inside_the_image():
     corners = set()
     for i in range(200):
-        crop = preprocess.random_crop(image, 7, tf.constant([0, i])).numpy()[..., 0]
-        y0, x0 = divmod(int(crop[0, 0]), 100)
+        y0, x0 = preprocess.random_crop_offset(20, 30, 7, tf.constant([0, i])).numpy()
         assert 0 <= y0 <= 20 - 7 and 0 <= x0 <= 30 - 7
-        expected = (np.arange(7)[:, None] + y0) * 100 + np.arange(7)[None, :] + x0
-        np.testing.assert_array_equal(crop, expected)
         corners.add((y0, x0))
     assert len(corners) > 100  # positions spread over the 14 x 24 possible
+
+
+@pytest.mark.parametrize("side", [61, 20])  # down- and upsampling to 32
+def test_resized_crop_is_the_window_of_the_resized_image(side):
+    image = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    resized = tf.image.resize(image.astype(np.float32), [32, 32], antialias=True).numpy()
+    for y, x in [(0, 0), (0, 5), (5, 0), (5, 5), (2, 3)]:
+        crop = preprocess.resized_crop(tf.constant(image), 32, 27, tf.constant([y, x])).numpy()
+        # the same kernel weights, rounded in another order
+        np.testing.assert_allclose(crop, resized[y : y + 27, x : x + 27], rtol=2e-6, atol=1e-4)
+
+
+def test_train_preprocessing_is_resize_random_crop_flip_and_lighting(tmp_path):
+    """The fused path against the paper's steps written with TensorFlow's own image ops."""
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 16), dtype=np.uint8)
+    Image.fromarray(pixels).resize((120, 90), Image.BICUBIC).convert("RGB").save(
+        tmp_path / "a.jpg", quality=90
+    )
+    contents = tf.io.read_file(str(tmp_path / "a.jpg"))
+    square = tf.cast(tf.io.decode_jpeg(contents, channels=3)[:, 15:105], tf.float32)
+    resized = tf.image.resize(square, [40, 40], antialias=True)
+
+    def assert_same_but_rounding(out, expected):
+        # resized_crop's float rounding may move a value across a .5 in to_uint8
+        diff = np.abs(out.numpy().astype(int) - expected.numpy().astype(int))
+        assert diff.max() <= 1 and diff.mean() < 1e-3
+
+    for i in range(8):
+        seed = tf.constant([3, i], tf.int64)
+        split = tf.random.experimental.stateless_split(seed, 3)
+        crop_seed, flip_seed, light_seed = tf.unstack(split)
+        expected = tf.image.stateless_random_crop(resized, [32, 32, 3], seed=crop_seed)
+        expected = tf.image.stateless_random_flip_left_right(expected, seed=flip_seed)
+        expected = preprocess.to_uint8(preprocess.pca_lighting(expected, 0.1, light_seed))
+        out = preprocess.preprocess_for_train(
+            contents, seed, image_size=32, resize_size=40, channels=3,
+            crop=True, flip=True, lighting_std=0.1,
+        )  # fmt: skip
+        assert_same_but_rounding(out, expected)
+    centre = preprocess.preprocess_for_eval(
+        contents, image_size=32, resize_size=40, channels=3, crops=1
+    )
+    assert_same_but_rounding(centre, preprocess.to_uint8(resized[4:36, 4:36]))
 
 
 def test_flip_is_a_mirror_half_the_time():
@@ -216,7 +255,7 @@ def test_ten_crops_are_the_corners_centre_and_mirrors():
     np.testing.assert_array_equal(crops[5:], crops[:5, :, ::-1])
 
 
-def test_decode_central_square_png_and_fused_jpeg(tmp_path):
+def test_decode_central_square_png_and_jpeg(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 256, (30, 50, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "a.png")
     out = preprocess.decode_central_square(tf.io.read_file(str(tmp_path / "a.png")), 3).numpy()
