@@ -144,7 +144,7 @@ def preprocess_for_eval(
 ) -> tf.Tensor:
     """Encoded image -> uint8 centre crop (S, S, C), or ten crops (10, S, S, C)."""
     square = decode_central_square(contents, channels)
-    if crops == 10:
-        return to_uint8(ten_crops(resize(square, resize_size), image_size))
+    if crops == 10:  # rounded once, before the crops and mirrors (they commute)
+        return ten_crops(to_uint8(resize(square, resize_size)), image_size)
     offset = tf.fill([2], (resize_size - image_size) // 2)
     return to_uint8(resized_crop(square, resize_size, image_size, offset))

@@ -187,7 +187,7 @@ def test_resized_crop_is_the_window_of_the_resized_image(side):
         np.testing.assert_allclose(crop, resized[y : y + 27, x : x + 27], rtol=2e-6, atol=1e-4)
 
 
-def test_train_preprocessing_is_resize_random_crop_flip_and_lighting(tmp_path):
+def test_preprocessing_equals_the_steps_written_with_tensorflow_ops(tmp_path):
     """The fused path against the paper's steps written with TensorFlow's own image ops."""
     pixels = np.random.default_rng(0).integers(0, 256, (24, 16), dtype=np.uint8)
     Image.fromarray(pixels).resize((120, 90), Image.BICUBIC).convert("RGB").save(
@@ -218,6 +218,11 @@ def test_train_preprocessing_is_resize_random_crop_flip_and_lighting(tmp_path):
         contents, image_size=32, resize_size=40, channels=3, crops=1
     )
     assert_same_but_rounding(centre, preprocess.to_uint8(resized[4:36, 4:36]))
+    ten = preprocess.preprocess_for_eval(
+        contents, image_size=32, resize_size=40, channels=3, crops=10
+    )
+    expected = preprocess.to_uint8(preprocess.ten_crops(resized, 32))  # rounded after cropping
+    np.testing.assert_array_equal(ten.numpy(), expected.numpy())
 
 
 def test_flip_is_a_mirror_half_the_time():
