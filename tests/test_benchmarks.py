@@ -1,6 +1,7 @@
 """The side-by-side benchmark compares like with like: the same network in both frameworks."""
 
 import os
+import subprocess
 import sys
 
 import jax
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import compare_pytorch  # noqa: E402
 
@@ -39,3 +41,15 @@ def test_forward_flops_are_the_layer_arithmetic():
              + 4096 * 1000)  # fmt: skip
     assert compare_pytorch.forward_flops("paper", 227) == 2 * paper == 2_270_512_192
     assert compare_pytorch.forward_flops("torchvision", 224) == 1_428_376_960
+
+
+def test_the_benchmark_does_not_import_tensorflow():
+    """The GPU machines have no TensorFlow: the benchmark and the train step must not need it."""
+    code = (
+        "import sys; sys.path.insert(0, 'benchmarks'); import compare_pytorch;"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
