@@ -3,9 +3,9 @@
     python benchmarks/compare_pytorch.py [--device cpu|gpu] [--variant paper|torchvision]
         [--batch 32] [--precision fp32|bf16] [--steps 10] [--repeats 5] [--json]
 
-JAX: the real pmap-ed step of ``alexnet_jax.train.make_steps`` (what ``main.py`` runs),
-over every local device of the platform, on uint8 images already on the device (normalised
-inside the step, as in training). PyTorch: the same architecture (LRN as
+JAX: the real pmap-ed step of ``alexnet_jax.train.make_steps`` (what ``main.py`` runs), on
+one device of the platform (PyTorch runs on one), on uint8 images already on the device
+(normalised inside the step, as in training). PyTorch: the same architecture (LRN as
 ``nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)``, the paper's alpha x size), the same
 batch, SGD with momentum 0.9 and weight decay 5e-4, cross-entropy; on a GPU at its best:
 channels_last, AMP bfloat16 autocast and ``torch.compile``. Both are warmed up, then each
@@ -83,10 +83,10 @@ def time_repeats(run, steps: int) -> float:
 
 
 def jax_runner(args, platform_name: str):
-    devices = jax.devices(platform_name)
+    # One device, as PyTorch gets: the pmap-ed step over 1 GPU against PyTorch on 1 GPU (on a
+    # CPU, one XLA device uses every core, as PyTorch's threads do).
+    devices = jax.devices(platform_name)[:1]
     config = jax_config(args)
-    if args.batch % len(devices):
-        raise SystemExit(f"--batch {args.batch} does not divide over {len(devices)} devices")
     size = config.image_size
     model = train.create_model(config, config.num_classes)
     with jax.default_device(devices[0]):
