@@ -4,9 +4,8 @@
 
 Writes ImageNet-sized (500x375) photographs as JPEGs to a temporary image folder, then
 times the paper's training path (decode, central square, a random 227 window of its resize
-to 256, flip, PCA lighting) and the evaluation paths (centre crop,
-10 crops), with tf.data limited to one thread and with all of them. Not a test: run it by
-hand.
+to 256, flip, PCA lighting) and the evaluation paths (centre crop, 10 crops), with tf.data
+limited to one thread and with all of them. Not a test: run it by hand.
 """
 
 from __future__ import annotations
