@@ -78,6 +78,11 @@ def random_crop_offset(height, width, size: int, seed: tf.Tensor) -> tf.Tensor:
     return offset[:2]
 
 
+def centre_offset(resize_size: int, size: int) -> tf.Tensor:
+    """[y, x] of the centred size x size window of a resize_size x resize_size image."""
+    return tf.fill([2], (resize_size - size) // 2)
+
+
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Mirrors the image left-right with probability 1/2."""
     return tf.image.stateless_random_flip_left_right(image, seed=seed)
@@ -130,7 +135,7 @@ def preprocess_for_train(
     if crop:
         offset = random_crop_offset(resize_size, resize_size, image_size, crop_seed)
     else:
-        offset = tf.fill([2], (resize_size - image_size) // 2)
+        offset = centre_offset(resize_size, image_size)
     image = resized_crop(decode_central_square(contents, channels), resize_size, image_size, offset)
     if lighting_std > 0 and channels == 3:
         image = pca_lighting(image, lighting_std, light_seed)
@@ -146,5 +151,5 @@ def preprocess_for_eval(
     square = decode_central_square(contents, channels)
     if crops == 10:  # rounded once, before the crops and mirrors (they commute)
         return ten_crops(to_uint8(resize(square, resize_size)), image_size)
-    offset = tf.fill([2], (resize_size - image_size) // 2)
+    offset = centre_offset(resize_size, image_size)
     return to_uint8(resized_crop(square, resize_size, image_size, offset))
