@@ -75,16 +75,32 @@ def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:
 
 
 def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
-    """The data source named by ``config.dataset``."""
+    """The data source named by ``config.dataset``.
+
+    Raises ``ConfigError`` when ``config.num_classes`` differs from the source's class count
+    (for training, evaluation and prediction alike).
+    """
     if config.dataset == "digits":
-        return _digits(config)
-    if config.dataset == "synthetic":
-        return _synthetic(config)
-    if config.dataset in TFDS_SOURCES or config.dataset == "image_folder":
+        dataset = _digits(config)
+    elif config.dataset == "synthetic":
+        dataset = _synthetic(config)
+    elif config.dataset in TFDS_SOURCES or config.dataset == "image_folder":
         from alexnet_jax import tf_input  # TensorFlow stays out unless a TF source is used
 
-        return tf_input.create_dataset(config)
-    raise ValueError(f"config.dataset={config.dataset!r} is not a known source; choose {SOURCES}")
+        dataset = tf_input.create_dataset(config)
+    else:
+        raise ValueError(
+            f"config.dataset={config.dataset!r} is not a known source; choose {SOURCES}"
+        )
+    if dataset.num_classes != config.num_classes:
+        from alexnet_jax.config_checks import ConfigError  # it imports this module
+
+        raise ConfigError(
+            f"config.num_classes={config.num_classes} but {dataset.name!r} has "
+            f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:5])}...): set "
+            f"--config.num_classes={dataset.num_classes}"
+        )
+    return dataset
 
 
 # --- the mean image ----------------------------------------------------------------------------

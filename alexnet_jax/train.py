@@ -27,7 +27,7 @@ from flax import struct
 from jax import lax
 
 from alexnet_jax import checkpointing, input_pipeline, optim
-from alexnet_jax.config_checks import ConfigError, validate_config
+from alexnet_jax.config_checks import validate_config
 from alexnet_jax.metrics import MetricsWriter
 from alexnet_jax.model import AlexNet
 
@@ -337,13 +337,7 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict, class_names
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains (resuming from ``workdir`` if it holds checkpoints) and returns the last eval."""
     validate_config(config, workdir)
-    dataset = input_pipeline.create_dataset(config)
-    if dataset.num_classes != config.num_classes:
-        raise ConfigError(
-            f"config.num_classes={config.num_classes} but {dataset.name!r} has "
-            f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:5])}...): set "
-            f"--config.num_classes={dataset.num_classes}"
-        )
+    dataset = input_pipeline.create_dataset(config)  # checks config.num_classes too
     steps_per_epoch = input_pipeline.steps_per_epoch(dataset.train_size, config)
     total_steps = max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
     if config.num_train_steps > 0:

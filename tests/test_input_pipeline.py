@@ -61,6 +61,17 @@ def test_fashion_mnist_mock_grayscale_or_replicated(to_rgb, channels):
         np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])
 
 
+@pytest.mark.parametrize("source", ["fashion_mnist", "digits"])
+def test_a_wrong_class_count_is_a_config_error_naming_the_field(source):
+    from alexnet_jax.config_checks import ConfigError
+
+    config = fashion_mnist.get_config() if source == "fashion_mnist" else default.get_config()
+    config.num_classes, config.batch_size, config.eval_batch_size = 7, 8, 8
+    with tfds.testing.mock_data(num_examples=8):
+        with pytest.raises(ConfigError, match=f"num_classes=7 but '{source}' has 10 classes"):
+            input_pipeline.create_dataset(config)
+
+
 def test_missing_tfds_data_is_a_clear_error(tmp_path):
     config = small(imagenet.get_config(), data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="'imagenet2012' is not prepared in data_dir"):
