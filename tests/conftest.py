@@ -1,8 +1,27 @@
-"""Test set-up: four CPU devices for the multi-device tests, before JAX starts its backend."""
+"""Test set-up, before JAX starts its backend: four CPU devices for the multi-device tests, and
+one persistent XLA compilation cache for the session.
+
+The cache is an environment variable, so the ``main.py`` processes the tests start share it:
+the same small train and eval steps compile once instead of once per run (the suite's
+slowest tests train, stop and resume the same config several times). A cache the caller
+already set (``JAX_COMPILATION_CACHE_DIR``) is used as it is.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
+
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = tempfile.mkdtemp(prefix="alexnet-jax-tests-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
