@@ -14,6 +14,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from PIL import Image  # noqa: E402
 
 from alexnet_jax import input_pipeline, preprocess, tf_input  # noqa: E402
+from alexnet_jax.config_checks import ConfigError  # noqa: E402
 from configs import default, fashion_mnist, imagenet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,8 +64,6 @@ def test_fashion_mnist_mock_grayscale_or_replicated(to_rgb, channels):
 
 @pytest.mark.parametrize("source", ["fashion_mnist", "digits"])
 def test_a_wrong_class_count_is_a_config_error_naming_the_field(source):
-    from alexnet_jax.config_checks import ConfigError
-
     config = fashion_mnist.get_config() if source == "fashion_mnist" else default.get_config()
     config.num_classes, config.batch_size, config.eval_batch_size = 7, 8, 8
     with tfds.testing.mock_data(num_examples=8):
