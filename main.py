@@ -14,10 +14,14 @@ is given (alexnet_jax/evaluate.py).
 import logging as std_logging
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-FLAGS = flags.DEFINE_string(
+from alexnet_jax import distributed, evaluate, train
+from alexnet_jax.run_files import load_run_config
+
+WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints and metrics go (default runs/<config name>)."
 )
 config_flags.DEFINE_config_file("config", "configs/default.py", "A config file.", lock_config=True)
@@ -35,18 +39,10 @@ def main(argv):
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
         images += argv[1:]  # --images a.jpg b.png: the files after the first
     config = flags.FLAGS.config
-    from alexnet_jax import distributed
-
     distributed.initialize(config.distributed)  # before anything touches the devices
-    import jax
-
-    from alexnet_jax import train
-
-    workdir = FLAGS.value or os.path.join(
-        "runs",
-        os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[
-            0
-        ],
+    config_name = config_flags.get_config_filename(flags.FLAGS["config"])
+    workdir = WORKDIR.value or os.path.join(
+        "runs", os.path.splitext(os.path.basename(config_name))[0]
     )
     logging.info(
         "JAX %s, process %d of %d, workdir %s",
@@ -58,10 +54,8 @@ def main(argv):
     if MODE.value == "train":
         train.train_and_evaluate(config, workdir)
         return
-    from alexnet_jax import evaluate
-
     if not flags.FLAGS["config"].present:
-        config = evaluate.load_run_config(workdir)
+        config = load_run_config(workdir)
     if MODE.value == "eval":
         for record in evaluate.evaluate_checkpoint(config, workdir, CHECKPOINT.value):
             print(

@@ -52,7 +52,7 @@ def save(
 
 def _savable(state: Any) -> Any:
     """With several processes, pmap's replicated outputs are host-local arrays, which Orbax
-    cannot serialise; they are identical everywhere, so their host copy is saved instead."""
+    cannot serialize; they are identical everywhere, so their host copy is saved instead."""
     return jax.device_get(state) if jax.process_count() > 1 else state
 
 

@@ -1,4 +1,5 @@
-"""Up-front validation of a run's config: a clear error before any compute."""
+"""Up-front validation of a run's config: a ``ConfigError`` naming the field, before any
+compute."""
 
 from __future__ import annotations
 
@@ -7,14 +8,11 @@ import os
 import jax
 import ml_collections
 
-from alexnet_jax import input_pipeline, model, optim
-
-NORMALIZATIONS = ("mean_std", "mean", "mean_image", "unit", "none")
-DISTRIBUTED = ("auto", "yes", "no")
-
-
-class ConfigError(ValueError):
-    """A config field has a value the run cannot use; the message names the field."""
+from alexnet_jax import data, model, optim
+from alexnet_jax.distributed import MODES as DISTRIBUTED
+from alexnet_jax.errors import ConfigError
+from alexnet_jax.normalization import NORMALIZATIONS
+from alexnet_jax.vgg import VGG11_ARCH
 
 
 def _require(condition: bool, message: str) -> None:
@@ -26,8 +24,12 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
     """Raises ``ConfigError`` naming the first field whose value cannot work."""
     c = config
     _require(
-        c.dataset in input_pipeline.SOURCES,
-        f"config.dataset={c.dataset!r}: choose one of {input_pipeline.SOURCES}",
+        c.dataset in data.SOURCES,
+        f"config.dataset={c.dataset!r}: choose one of {data.SOURCES}",
+    )
+    _require(
+        c.model.name in model.MODEL_NAMES,
+        f"config.model.name={c.model.name!r}: choose one of {model.MODEL_NAMES}",
     )
     _require(
         c.model.variant in model.VARIANTS,
@@ -48,10 +50,20 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
     )
     _require(c.num_classes >= 1, f"config.num_classes={c.num_classes}: must be at least 1")
     _require(c.channels in (1, 3), f"config.channels={c.channels}: 1 or 3")
-    smallest = model.min_input_size(c.model.variant, c.model.overlap_pool)
+    _require(
+        c.model.width_divisor >= 1 and all(w % c.model.width_divisor == 0 for _, w in VGG11_ARCH),
+        f"config.model.width_divisor={c.model.width_divisor}: must divide every VGG block's "
+        f"width {[w for _, w in VGG11_ARCH]}",
+    )
+    _require(
+        c.model.lrn_size >= 1 and c.model.lrn_size % 2 == 1,
+        f"config.model.lrn_size={c.model.lrn_size}: a positive odd number of channels",
+    )
+    smallest = model.smallest_input(c.model)
+    network = c.model.name if c.model.name != "alexnet" else f"variant {c.model.variant!r}"
     _require(
         c.image_size >= smallest,
-        f"config.image_size={c.image_size}: variant {c.model.variant!r} needs at least {smallest}",
+        f"config.image_size={c.image_size}: {network} needs at least {smallest}",
     )
 
     devices = jax.device_count()
@@ -98,7 +110,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
     )
     _require(
         c.input.eval_crops in (1, 10),
-        f"config.input.eval_crops={c.input.eval_crops}: 1 (centre) or 10",
+        f"config.input.eval_crops={c.input.eval_crops}: 1 (center) or 10",
     )
     _require(
         c.input.normalization in NORMALIZATIONS,

@@ -13,19 +13,25 @@ Layout: torchvision's ``features.{0,3,6,8,10}`` are conv1..conv5 and ``classifie
 fc6, fc7, fc8. Conv kernels go from (out, in, h, w) to (h, w, in, out), dense kernels from
 (out, in) to (in, out). fc6 needs more: torchvision flattens its 256x6x6 features in NCHW
 order (c, h, w), this model in NHWC order (h, w, c), so fc6's input rows are permuted.
-torchvision expects images normalised with ImageNet's mean and std in [0, 1] units
+torchvision expects images normalized with ImageNet's mean and std in [0, 1] units
 (``config.input.normalization="mean_std"``, the default ``mean_rgb``/``std_rgb``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
+
+from alexnet_jax import checkpointing
+from alexnet_jax.defaults import default_config
+from alexnet_jax.run_files import template_state, write_run_files
 
 CONVS = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6",
          "conv4": "features.8", "conv5": "features.10"}  # fmt: skip
@@ -120,13 +126,18 @@ def load_pth(path: str) -> dict[str, Any]:
 
 
 def torchvision_config(num_classes: int):
-    """The config that evaluates torchvision's weights as torchvision does: 224 centre crop
-    of the image resized to 256, ImageNet mean/std, ``variant="torchvision"``."""
-    from configs import imagenet
-
-    config = imagenet.get_config()
+    """The config that evaluates torchvision's weights as torchvision does: ImageNet
+    (``imagenet2012``), 224 center crop of the image resized to 256, ImageNet mean/std,
+    ``variant="torchvision"``."""
+    config = default_config()
+    config.dataset = "imagenet2012"
+    config.channels = 3
     config.num_classes = num_classes
     config.image_size = 224
+    config.input.resize_size = 256
+    config.batch_size = 128
+    config.eval_batch_size = 256
+    config.model.name = "alexnet"
     config.model.variant = "torchvision"
     config.model.initializer = "torch"
     config.input.normalization = "mean_std"
@@ -139,32 +150,25 @@ def torchvision_config(num_classes: int):
 def write_workdir(variables: dict[str, Any], workdir: str, class_names: list[str] | None = None):
     """A workdir holding ``variables`` as a step-0 checkpoint, ``config.json`` and class names:
     ``main.py --mode=eval|predict --workdir`` and ``config.init_from`` read it."""
-    import jax
-
-    from alexnet_jax import checkpointing, train
-
     num_classes = variables["params"]["fc8"]["kernel"].shape[1]
     config = torchvision_config(num_classes)
     os.makedirs(workdir, exist_ok=True)
     manager = checkpointing.create_manager(workdir, config)
     if manager.latest_step() is not None:
         raise FileExistsError(f"{workdir!r} already holds checkpoints; choose an empty workdir")
-    model = train.create_model(config, num_classes)
-    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (224, 224, 3))
+    state = template_state(config)
     state = state.replace(params=jax.tree_util.tree_map(np.asarray, variables["params"]))
     state = state.replace(opt_state=state.tx.init(state.params))
     checkpointing.save(manager, 0, state)
     manager.wait_until_finished()
     manager.close()
-    train.write_run_files(workdir, config, class_names or imagenet_class_names(num_classes))
+    write_run_files(workdir, config, class_names or imagenet_class_names(num_classes))
     return config
 
 
 def imagenet_class_names(num_classes: int = 1000) -> list[str]:
     """ImageNet's 1000 synset ids in TFDS's (sorted) order, read from the installed
     tensorflow-datasets without importing it; else (or for other counts) "0".."n-1"."""
-    import importlib.util
-
     spec = importlib.util.find_spec("tensorflow_datasets")
     if num_classes == 1000 and spec and spec.submodule_search_locations:
         for root in spec.submodule_search_locations:

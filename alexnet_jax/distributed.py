@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import os
 
+import jax
+
+from alexnet_jax.errors import ConfigError
+
+MODES = ("auto", "yes", "no")  # config.distributed
 CLUSTER_VARIABLES = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
 
 
 def initialize(mode: str = "auto") -> bool:
-    """Initialises multi-process JAX if ``mode`` and the environment ask for it."""
-    if mode not in ("auto", "yes", "no"):
-        raise ValueError(f"config.distributed={mode!r}: choose one of ('auto', 'yes', 'no')")
+    """Initializes multi-process JAX if ``mode`` and the environment ask for it."""
+    if mode not in MODES:
+        raise ConfigError(f"config.distributed={mode!r}: choose one of {MODES}")
     if mode == "no" or (mode == "auto" and not any(v in os.environ for v in CLUSTER_VARIABLES)):
         return False
-    import jax
-
     kwargs = {}
     if "JAX_COORDINATOR_ADDRESS" in os.environ:
         kwargs = dict(

@@ -1,4 +1,4 @@
-"""Local response normalisation (Krizhevsky et al. 2012, section 3.3), written by hand.
+"""Local response normalization (Krizhevsky et al. 2012, section 3.3), written by hand.
 
     b[c] = a[c] / (k + alpha * sum_{j=max(0, c-n//2)}^{min(N-1, c+n//2)} a[j]**2) ** beta
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 
 def _channel_window_sum(x: jax.Array, size: int) -> jax.Array:
-    """Sums ``x`` over a window of ``size`` channels centred on each channel (last axis)."""
+    """Sums ``x`` over a window of ``size`` channels centered on each channel (last axis)."""
     half = size // 2
     channels = x.shape[-1]
     pad = [(0, 0)] * (x.ndim - 1) + [(half, half)]
@@ -47,13 +47,13 @@ def _inverse_power(d: jax.Array, beta: float) -> jax.Array:
 def local_response_norm(
     x: jax.Array, size: int = 5, k: float = 2.0, alpha: float = 1e-4, beta: float = 0.75
 ) -> jax.Array:
-    """Normalises ``x`` across its last (channel) axis with the paper's LRN formula.
+    """Normalizes ``x`` across its last (channel) axis with the paper's LRN formula.
 
     Computes in at least float32 (bfloat16 squares and sums lose too much) and returns the
-    input dtype. ``size`` must be odd, so that the window is centred on each channel.
+    input dtype. ``size`` must be odd, so that the window is centered on each channel.
     """
     if size < 1 or size % 2 == 0:
-        # An even window has no centre: the paper's c +- n/2 spans n+1 channels, PyTorch's n.
+        # An even window has no center: the paper's c +- n/2 spans n+1 channels, PyTorch's n.
         raise ValueError(f"LRN size must be a positive odd number of channels, got {size}")
     return _lrn(x, size, float(k), float(alpha), float(beta))
 

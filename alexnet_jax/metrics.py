@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter  # writes events without TensorFlow
 
 
 class MetricsWriter:
@@ -21,8 +22,6 @@ class MetricsWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tensorboard = None
         if self.enabled:
-            from tensorboardX import SummaryWriter  # writes events without TensorFlow
-
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:

@@ -12,9 +12,11 @@ Three layouts share one module, chosen by ``variant``:
 - ``"d2l"``: Dive into Deep Learning's AlexNet: conv1 padding 1, no LRN, meant for 1-channel
   224x224 input and 10 classes (fc6 sees 5x5x256 = 6400 features).
 
-Images are NHWC floats; the model returns float32 logits (no softmax). Each layer's activation
-is sown into the ``"intermediates"`` collection as ``conv1_out`` ... ``fc8_out`` (Flax keeps
-submodule and sown names apart); ``features`` reads them out by layer name.
+``create_model(config.model, num_classes)`` builds the network a config names: this AlexNet,
+or d2l's VGG-11 (``alexnet_jax.vgg``). Images are NHWC floats; the model returns float32
+logits (no softmax). Each layer's activation is sown into the ``"intermediates"``
+collection as ``conv1_out`` ... ``fc8_out`` (Flax keeps submodule and sown names apart);
+``features`` reads them out by layer name.
 """
 
 from __future__ import annotations
@@ -27,10 +29,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from alexnet_jax.lrn import LocalResponseNorm
+from alexnet_jax.vgg import VGG, VGG11_ARCH
 
+MODEL_NAMES = ("alexnet", "vgg11")  # config.model.name
 VARIANTS = ("paper", "torchvision", "d2l")
 INITS = ("paper", "torch", "xavier", "he")
 LAYER_NAMES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -308,3 +313,54 @@ def features(
 def count_params(params: Any) -> int:
     """Total number of scalars in a parameter tree."""
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def create_model(
+    model_config: ml_collections.ConfigDict, num_classes: int, dtype: Any = jnp.float32
+) -> nn.Module:
+    """The network ``config.model`` names (``name``: alexnet | vgg11), with its fields."""
+    m = model_config
+    if m.name == "alexnet":
+        return AlexNet(
+            num_classes=num_classes,
+            variant=m.variant,
+            groups=m.groups,
+            dropout_rate=m.dropout_rate,
+            dtype=dtype,
+            use_lrn=m.use_lrn,
+            overlap_pool=m.overlap_pool,
+            initializer=m.initializer,
+            lrn_size=m.lrn_size,
+            lrn_k=m.lrn_k,
+            lrn_alpha=m.lrn_alpha,
+            lrn_beta=m.lrn_beta,
+        )
+    if m.name == "vgg11":
+        return VGG(
+            conv_arch=VGG11_ARCH,
+            num_classes=num_classes,
+            width_divisor=m.width_divisor,
+            dropout_rate=m.dropout_rate,
+            dtype=dtype,
+        )
+    raise ValueError(f"Unknown model {m.name!r}; choose one of {MODEL_NAMES}")
+
+
+def smallest_input(model_config: ml_collections.ConfigDict) -> int:
+    """The smallest square input the network ``config.model`` names accepts."""
+    if model_config.name == "vgg11":
+        return 2 ** len(VGG11_ARCH)
+    return min_input_size(model_config.variant, model_config.overlap_pool)
+
+
+def head_layer(model_config: ml_collections.ConfigDict) -> str:
+    """The name of the layer that outputs the classes (replaced when fine-tuning)."""
+    return "fc3" if model_config.name == "vgg11" else "fc8"
+
+
+def describe(model_config: ml_collections.ConfigDict, num_classes: int) -> str:
+    """The network a config names, for messages: ``AlexNet(variant='paper', groups=1, ...)``."""
+    m = model_config
+    if m.name == "vgg11":
+        return f"VGG11(width_divisor={m.width_divisor}, num_classes={num_classes})"
+    return f"AlexNet(variant={m.variant!r}, groups={m.groups}, num_classes={num_classes})"

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from alexnet_jax.metrics import read_metrics
+from alexnet_jax.run_files import params_from_workdir
 
 
 def _pyplot():
@@ -69,9 +70,7 @@ def kernel_grid(kernel: np.ndarray, columns: int = 12, border: int = 1) -> np.nd
 
 def plot_conv1_kernels(workdir: str, which: str = "best", path: str | None = None) -> str:
     """The checkpoint's conv1 kernels as a grid (the paper's Figure 3); returns the path."""
-    from alexnet_jax import evaluate
-
-    params, step = evaluate.params_from_workdir(workdir, which)
+    params, step = params_from_workdir(workdir, which)
     kernel = np.asarray(params["conv1"]["kernel"], np.float32)
     grid = kernel_grid(kernel, columns=12 if kernel.shape[-1] % 12 == 0 else 8)
     plt = _pyplot()

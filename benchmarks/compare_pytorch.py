@@ -3,15 +3,15 @@
     python benchmarks/compare_pytorch.py [--device cpu|gpu] [--variant paper|torchvision]
         [--batch 32] [--precision fp32|bf16] [--steps 10] [--repeats 5] [--json]
 
-JAX: the real pmap-ed step of ``alexnet_jax.train.make_steps`` (what ``main.py`` runs), on
-one device of the platform (PyTorch runs on one), on uint8 images already on the device
-(normalised inside the step, as in training). PyTorch: the same architecture (LRN as
-``nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)``, the paper's alpha x size), the same
-batch, SGD with momentum 0.9 and weight decay 5e-4, cross-entropy; on a GPU at its best:
-channels_last, AMP bfloat16 autocast and ``torch.compile``. Both are warmed up, then each
-repeat times ``--steps`` steps; the median repeat is reported, alternating the frameworks
-so that a slower machine phase hits both. Evaluation (forward only, centre crop) is timed
-the same way.
+JAX: the real pmap-ed steps of ``alexnet_jax.steps`` (``make_train_step``,
+``make_eval_step``: what ``main.py`` runs), on one device of the platform (PyTorch runs on
+one), on uint8 images already on the device (normalized inside the step, as in training).
+PyTorch: the same architecture (LRN as ``nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75,
+k=2)``, the paper's alpha x size), the same batch, SGD with momentum 0.9 and weight decay
+5e-4, cross-entropy; on a GPU at its best: channels_last, AMP bfloat16 autocast and
+``torch.compile``. Both are warmed up, then each repeat times ``--steps`` steps; the median
+repeat is reported, alternating the frameworks so that a slower machine phase hits both.
+Evaluation (forward only, center crop) is timed the same way.
 
 On a GPU it also prints the achieved TFLOP/s (3x the forward FLOPs for a train step,
 counted from the layer shapes) and the share of the device's dense bfloat16 peak.
@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from alexnet_jax import model as model_lib  # noqa: E402
-from alexnet_jax import optim, train  # noqa: E402
-from configs import default  # noqa: E402
+from alexnet_jax import model as model_lib
+from alexnet_jax import normalization, optim, steps
+from alexnet_jax.defaults import default_config
 
 IMAGE_SIZE = {"paper": 227, "torchvision": 224}
 # Dense bfloat16 peaks (no sparsity), TFLOP/s, by a substring of the device name.
@@ -42,7 +38,7 @@ BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 31
 
 
 def jax_config(args):
-    config = default.get_config()
+    config = default_config()
     config.dataset = "synthetic"
     config.num_classes = 1000
     config.channels = 3
@@ -88,12 +84,13 @@ def jax_runner(args, platform_name: str):
     devices = jax.devices(platform_name)[:1]
     config = jax_config(args)
     size = config.image_size
-    model = train.create_model(config, config.num_classes)
+    model = steps.create_model(config, config.num_classes)
     with jax.default_device(devices[0]):
-        state = train.create_train_state(jax.random.PRNGKey(0), config, model, (size, size, 3))
-    p_train, p_eval = train.make_steps(
-        config, optim.create_learning_rate_fn(config, 100), devices=devices
-    )
+        state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (size, size, 3))
+    normalize = normalization.make_normalizer(config.input)
+    lr_fn = optim.create_learning_rate_fn(config, 100)
+    p_train = steps.make_train_step(config, lr_fn, normalize, devices=devices)
+    p_eval = steps.make_eval_step(config, normalize, devices=devices)
     mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     rng = np.random.default_rng(0)
@@ -174,12 +171,12 @@ def torch_runner(args, gpu: bool):
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
     autocast = args.precision == "bf16"
 
-    def normalise(x):
+    def normalize(x):
         return ((x.float() - mean) / std).contiguous(memory_format=memory_format)
 
     def step(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(net(normalise(x)), y)
+            loss = loss_fn(net(normalize(x)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -187,7 +184,7 @@ def torch_runner(args, gpu: bool):
 
     def forward(x):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return net(normalise(x)).float().softmax(-1)
+            return net(normalize(x)).float().softmax(-1)
 
     if gpu:
         step = torch.compile(step)

@@ -4,7 +4,7 @@
 
 Writes ImageNet-sized (500x375) photographs as JPEGs to a temporary image folder, then
 times the paper's training path (decode, central square, a random 227 window of its resize
-to 256, flip, PCA lighting) and the evaluation paths (centre crop, 10 crops), with tf.data
+to 256, flip, PCA lighting) and the evaluation paths (center crop, 10 crops), with tf.data
 limited to one thread and with all of them. Not a test: run it by hand.
 """
 
@@ -12,17 +12,26 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+from alexnet_jax import data
+from alexnet_jax.defaults import default_config
 
-from alexnet_jax import input_pipeline  # noqa: E402
-from configs import imagenet  # noqa: E402
+
+def paper_config(root: str, batch: int, threads: int):
+    """The paper's preprocessing (configs/imagenet.py's) on an image folder of 4 classes."""
+    config = default_config()
+    config.dataset, config.data_dir, config.num_classes, config.channels = (
+        "image_folder", root, 4, 3)  # fmt: skip
+    config.image_size, config.input.resize_size = 227, 256
+    config.input.pca_lighting_std = 0.1
+    config.batch_size = config.eval_batch_size = batch
+    config.input.threads = threads
+    return config
 
 
 def write_jpegs(root: str, count: int) -> float:
@@ -68,18 +77,15 @@ def main() -> None:
         print(f"{args.images} photos of 500x375 (JPEG, {kilobytes:.0f} KB on average), "
               f"{cores} CPU cores, batch {args.batch}")  # fmt: skip
         for threads in (1, 0):
-            config = imagenet.get_config()
-            config.dataset, config.data_dir, config.num_classes = "image_folder", root, 4
-            config.batch_size = config.eval_batch_size = args.batch
-            config.input.threads = threads
+            config = paper_config(root, args.batch, threads)
             config.input.shuffle_buffer = args.images
             label = "1 thread " if threads == 1 else f"{cores} threads"
-            train = input_pipeline.create_dataset(config)
+            train = data.create_dataset(config)
             rate = images_per_second(train.train_batches(0), args.batches, args.batch)
             print(f"{label}  {'train (crop+flip+PCA)':24s} {rate:8.1f} img/s")
             for crops in (1, 10):
                 config.input.eval_crops = crops
-                evaluation = input_pipeline.create_dataset(config)
+                evaluation = data.create_dataset(config)
 
                 def eval_forever(dataset=evaluation):
                     while True:

@@ -6,11 +6,11 @@
 with learning rate 0.01, batch 128, 10 epochs, pixels scaled to [0, 1].
 """
 
-from configs import default
+from alexnet_jax.defaults import default_config
 
 
 def get_config():
-    config = default.get_config()
+    config = default_config()
     config.dataset = "fashion_mnist"
     config.image_size = 224
     config.channels = 1

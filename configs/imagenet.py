@@ -5,15 +5,15 @@
 
 Batch 128; SGD with momentum 0.9 and weight decay 0.0005 inside the update; learning rate
 0.01, divided by 10 when validation top-1 stops improving, three times; ~90 epochs; 227
-crops of the 256x256 centre with flips and fancy-PCA lighting; the paper's initialisation;
+crops of the 256x256 center with flips and fancy-PCA lighting; the paper's initialization;
 10-crop evaluation.
 """
 
-from configs import default
+from alexnet_jax.defaults import default_config
 
 
 def get_config():
-    config = default.get_config()
+    config = default_config()
     config.dataset = "imagenet2012"
     config.image_size = 227  # the layer arithmetic's 227 (the paper states 224)
     config.channels = 3

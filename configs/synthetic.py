@@ -5,11 +5,11 @@
         --config.half_precision=True
 """
 
-from configs import default
+from alexnet_jax.defaults import default_config
 
 
 def get_config():
-    config = default.get_config()
+    config = default_config()
     config.dataset = "synthetic"
     config.image_size = 227
     config.channels = 3

@@ -17,6 +17,7 @@ import compare_pytorch  # noqa: E402
 from alexnet_jax import model  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,size,params", [("paper", 227, 62_378_344),
                                                  ("torchvision", 224, 61_100_840)])  # fmt: skip
 def test_the_pytorch_network_is_ours(variant, size, params):

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax import checkpointing, optim, train
+from alexnet_jax import checkpointing, normalization, optim, steps
 from configs import default
 
 
@@ -27,15 +27,15 @@ def test_keeps_the_latest_and_the_best_by_top1(tmp_path):
 def test_train_state_round_trip_is_exact(tmp_path):
     config = default.get_config()
     config.async_checkpointing = False
-    model = train.create_model(config, 10)
-    state = train.create_train_state(jax.random.PRNGKey(3), config, model, (67, 67, 1))
+    model = steps.create_model(config, 10)
+    state = steps.create_train_state(jax.random.PRNGKey(3), config, model, (67, 67, 1))
     state = state.replace(
         plateau=optim.plateau_update(state.plateau, 0.4, patience=1, factor=0.1, max_reductions=3)
     )
     manager = checkpointing.create_manager(str(tmp_path), config)
     checkpointing.save(manager, 7, state)
     manager.wait_until_finished()
-    template = train.create_train_state(jax.random.PRNGKey(0), config, model, (67, 67, 1))
+    template = steps.create_train_state(jax.random.PRNGKey(0), config, model, (67, 67, 1))
     restored, step = checkpointing.restore_latest(manager, template)
     assert step == 7
     fields = ("step", "params", "opt_state", "rng", "plateau", "nonfinite_step")
@@ -50,10 +50,14 @@ def test_train_state_round_trip_is_exact(tmp_path):
 def test_half_precision_trains_in_bfloat16_with_float32_state():
     config = default.get_config()
     config.half_precision = True
-    model = train.create_model(config, 10)
+    model = steps.create_model(config, 10)
     assert model.dtype == jnp.bfloat16
-    state = train.create_train_state(jax.random.PRNGKey(0), config, model, (67, 67, 1))
-    p_train, _ = train.make_steps(config, optim.create_learning_rate_fn(config, 10))
+    state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (67, 67, 1))
+    p_train = steps.make_train_step(
+        config,
+        optim.create_learning_rate_fn(config, 10),
+        normalization.make_normalizer(config.input),
+    )
     devices = jax.local_device_count()
     rng = np.random.default_rng(0)
     batch = {

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import convert, evaluate, model, plots, train
+from alexnet_jax import convert, evaluate, model, plots, run_files, steps, train
 from alexnet_jax.metrics import read_metrics
 from tests.test_train import small_config
 
@@ -31,47 +31,50 @@ def digits_run(tmp_path_factory):
 # --- evaluation ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_eval_mode_reproduces_the_training_evaluation_and_writes_its_files(digits_run):
-    config = evaluate.load_run_config(digits_run)
+    config = run_files.load_run_config(digits_run)
     evals = {r["step"]: r for r in read_metrics(digits_run) if r["split"] == "eval"}
     best = max(evals, key=lambda s: (evals[s]["top1"], s))
     (record,) = evaluate.evaluate_checkpoint(config, digits_run, "best")
     assert record["step"] == best and record["count"] == 359
     for key in ("top1", "top5", "loss"):
         assert record[key] == pytest.approx(evals[best][key], rel=1e-5, abs=1e-6), key
-    with open(os.path.join(digits_run, "per_class_accuracy_centre.csv")) as f:
+    with open(os.path.join(digits_run, "per_class_accuracy_center.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == [str(d) for d in range(10)]
     assert sum(int(r["count"]) for r in rows) == 359
     top1 = sum(int(r["count"]) * float(r["top1"]) for r in rows) / 359
     assert top1 == pytest.approx(record["top1"], abs=1e-5)
-    with Image.open(os.path.join(digits_run, "confusion_matrix_centre.png")) as png:
+    with Image.open(os.path.join(digits_run, "confusion_matrix_center.png")) as png:
         assert png.size[0] > 300
     logged = [r for r in read_metrics(digits_run) if r["split"] == "eval_checkpoint"]
     assert logged[-1]["top1"] == pytest.approx(record["top1"])
 
 
+@pytest.mark.slow
 def test_checkpoint_choice_and_errors(digits_run, tmp_path):
-    config = evaluate.load_run_config(digits_run)
-    state, step = evaluate.restore_state(config, digits_run, 4)  # the latest two: 4 and 6
+    config = run_files.load_run_config(digits_run)
+    state, step = run_files.restore_state(config, digits_run, 4)  # the latest two: 4 and 6
     assert step == 4 and int(state.step) == 4
-    assert evaluate.restore_state(config, digits_run, "latest")[1] == 6
+    assert run_files.restore_state(config, digits_run, "latest")[1] == 6
     with pytest.raises(FileNotFoundError, match="No checkpoint at step 5 in .*checkpoints"):
-        evaluate.restore_state(config, digits_run, 5)
+        run_files.restore_state(config, digits_run, 5)
     with pytest.raises(ValueError, match="use best, latest or a step number"):
-        evaluate.restore_state(config, digits_run, "newest")
-    other = evaluate.load_run_config(digits_run)
+        run_files.restore_state(config, digits_run, "newest")
+    other = run_files.load_run_config(digits_run)
     other.num_classes = 5
     with pytest.raises(ValueError, match=r"fc8/kernel: checkpoint \(4096, 10\), model \(4096, 5\)"):
-        evaluate.restore_state(other, digits_run, "latest")
-    other = evaluate.load_run_config(digits_run)
+        run_files.restore_state(other, digits_run, "latest")
+    other = run_files.load_run_config(digits_run)
     other.model.groups = 2
     with pytest.raises(ValueError, match=r"does not fit AlexNet\(variant='paper', groups=2.*conv2"):
-        evaluate.restore_state(other, digits_run, "latest")
+        run_files.restore_state(other, digits_run, "latest")
     with pytest.raises(FileNotFoundError, match="config.json.* does not exist"):
-        evaluate.load_run_config(str(tmp_path))
+        run_files.load_run_config(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_predict_mode_prints_top5_with_class_names_and_names_bad_files(digits_run, tmp_path):
     digit = np.zeros((40, 40), np.uint8)
     digit[8:32, 18:23] = 255  # a light "1" on a dark ground, like the digits
@@ -88,7 +91,7 @@ def test_predict_mode_prints_top5_with_class_names_and_names_bad_files(digits_ru
     assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
     assert {line.split()[-1] for line in lines[1:]} <= {str(d) for d in range(10)}
 
-    config = evaluate.load_run_config(digits_run)
+    config = run_files.load_run_config(digits_run)
     direct = evaluate.predict_files(config, digits_run, [str(tmp_path / "one.png")], "latest")
     assert [name for name, _ in direct[0]["top"]] == [line.split()[-1] for line in lines[1:]]
     with pytest.raises(ValueError, match="Cannot read image .*broken.jpg"):
@@ -165,6 +168,7 @@ def test_bad_state_dicts_are_named():
         convert.torchvision_to_flax(nan)
 
 
+@pytest.mark.slow
 def test_pth_becomes_a_workdir_that_predicts_like_pytorch(tmp_path):
     torch = pytest.importorskip("torch")
     net = torchvision_alexnet(num_classes=1000)
@@ -172,9 +176,9 @@ def test_pth_becomes_a_workdir_that_predicts_like_pytorch(tmp_path):
     torch.save(net.state_dict(), pth)
     workdir = tmp_path / "converted"
     convert.main([str(pth), "--workdir", str(workdir)])
-    config = evaluate.load_run_config(str(workdir))
+    config = run_files.load_run_config(str(workdir))
     assert config.model.variant == "torchvision" and config.image_size == 224
-    names = evaluate.class_names(str(workdir), 1000)
+    names = run_files.class_names(str(workdir), 1000)
     assert names[0] == "n01440764"  # TFDS's ImageNet order (tench)
 
     photo = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
@@ -199,6 +203,7 @@ def test_pth_becomes_a_workdir_that_predicts_like_pytorch(tmp_path):
 # --- fine-tuning -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
     pytest.importorskip("tensorflow")
     from tests.test_input_pipeline import make_image_folder
@@ -207,9 +212,9 @@ def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
     config = small_config(dataset="image_folder", data_dir=str(root), num_classes=2,
                           num_train_steps=1, init_from=digits_run, batch_size=8,
                           eval_batch_size=8, **{"input.resize_size": 80})  # fmt: skip
-    source, step = evaluate.params_from_workdir(digits_run)
-    state = train.create_train_state(
-        jax.random.PRNGKey(1), config, train.create_model(config, 2), (67, 67, 1)
+    source, step = run_files.params_from_workdir(digits_run)
+    state = steps.create_train_state(
+        jax.random.PRNGKey(1), config, steps.create_model(config, 2), (67, 67, 1)
     )
     tuned = train.init_from(state, config)
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
@@ -223,18 +228,18 @@ def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
     result = train.train_and_evaluate(config, tuned_dir)  # runs end to end
     assert 0.0 <= result["top1"] <= 1.0
 
-    # --mode=eval on an image folder: the centre crop as in training, and the 10 crops.
-    centre, ten = evaluate.evaluate_checkpoint(config, tuned_dir, "latest")
-    assert (centre["crops"], ten["crops"]) == (1, 10) and centre["count"] == ten["count"] == 12
-    assert centre["top1"] == pytest.approx(result["top1"], abs=1e-6)
-    assert centre["loss"] == pytest.approx(result["loss"], rel=1e-4)
-    for tag in ("centre", "10crop"):
+    # --mode=eval on an image folder: the center crop as in training, and the 10 crops.
+    center, ten = evaluate.evaluate_checkpoint(config, tuned_dir, "latest")
+    assert (center["crops"], ten["crops"]) == (1, 10) and center["count"] == ten["count"] == 12
+    assert center["top1"] == pytest.approx(result["top1"], abs=1e-6)
+    assert center["loss"] == pytest.approx(result["loss"], rel=1e-4)
+    for tag in ("center", "10crop"):
         with open(os.path.join(tuned_dir, f"per_class_accuracy_{tag}.csv")) as f:
             assert [row["name"] for row in csv.DictReader(f)] == ["cat", "dog"]
 
     config.model.variant = "torchvision"  # another architecture: 64 conv1 filters
-    state = train.create_train_state(
-        jax.random.PRNGKey(1), config, train.create_model(config, 2), (67, 67, 1)
+    state = steps.create_train_state(
+        jax.random.PRNGKey(1), config, steps.create_model(config, 2), (67, 67, 1)
     )
     with pytest.raises(
         ValueError,
@@ -246,6 +251,7 @@ def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
 # --- figures -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_plots_write_the_curves_and_the_conv1_kernel_grid(digits_run):
     plots.main(["--workdir", digits_run])
     for name in ("training_curves.png", "conv1_kernels.png"):

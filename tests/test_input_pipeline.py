@@ -13,8 +13,10 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from PIL import Image  # noqa: E402
 
-from alexnet_jax import input_pipeline, preprocess, tf_input  # noqa: E402
-from alexnet_jax.config_checks import ConfigError  # noqa: E402
+from alexnet_jax import data  # noqa: E402
+from alexnet_jax.data import image_folder, preprocess  # noqa: E402
+from alexnet_jax.data.dataset import steps_per_epoch  # noqa: E402
+from alexnet_jax.errors import ConfigError  # noqa: E402
 from configs import default, fashion_mnist, imagenet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +39,7 @@ def take(iterator, n):
 def test_imagenet2012_mock_through_the_whole_pipeline():
     config = small(imagenet.get_config())  # crops, flips, PCA lighting, 10-crop evaluation
     with tfds.testing.mock_data(num_examples=20):
-        dataset = input_pipeline.create_dataset(config)
+        dataset = data.create_dataset(config)
         assert dataset.train_size == 20 and dataset.eval_size == 20  # counted: no metadata
         assert dataset.num_classes == 1000 and dataset.class_names[0] == "n01440764"
         batch = next(dataset.train_batches(0))
@@ -55,7 +57,7 @@ def test_fashion_mnist_mock_grayscale_or_replicated(to_rgb, channels):
     config.image_size = config.input.resize_size = 65
     config.batch_size, config.eval_batch_size = 8, 8
     with tfds.testing.mock_data(num_examples=16):
-        dataset = input_pipeline.create_dataset(config)
+        dataset = data.create_dataset(config)
         batch = next(dataset.train_batches(0))
     assert batch["image"].shape == (4, 2, 65, 65, channels)
     if to_rgb:
@@ -68,13 +70,13 @@ def test_a_wrong_class_count_is_a_config_error_naming_the_field(source):
     config.num_classes, config.batch_size, config.eval_batch_size = 7, 8, 8
     with tfds.testing.mock_data(num_examples=8):
         with pytest.raises(ConfigError, match=f"num_classes=7 but '{source}' has 10 classes"):
-            input_pipeline.create_dataset(config)
+            data.create_dataset(config)
 
 
 def test_missing_tfds_data_is_a_clear_error(tmp_path):
     config = small(imagenet.get_config(), data_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="'imagenet2012' is not prepared in data_dir"):
-        input_pipeline.create_dataset(config)
+        data.create_dataset(config)
 
 
 def make_image_folder(root, per_class=6, size=(50, 40)):
@@ -99,7 +101,7 @@ def test_image_folder_skips_and_names_corrupt_files(tmp_path, caplog):
     config = small(default.get_config(), dataset="image_folder", data_dir=str(root), channels=3)
     config.num_classes = 2
     with caplog.at_level(logging.WARNING):
-        dataset = input_pipeline.create_dataset(config)
+        dataset = data.create_dataset(config)
     assert "truncated.jpg" in caplog.text and "notes.png" in caplog.text
     assert "Skipped 1 corrupt or non-image files of 13 in split 'train'" in caplog.text
     assert dataset.class_names == ["cat", "dog"]
@@ -122,9 +124,9 @@ def test_files_that_fail_to_decode_are_named_each_epoch_and_the_epoch_stays_full
         (root / path).write_bytes(garbage)
     config = small(default.get_config(), dataset="image_folder", data_dir=str(root), channels=3)
     config.num_classes, config.batch_size = 2, 4
-    dataset = input_pipeline.create_dataset(config)
+    dataset = data.create_dataset(config)
     assert dataset.train_size == 12  # listed: 10 good + 2 undecodable (truncated.jpg dropped)
-    steps = input_pipeline.steps_per_epoch(dataset.train_size, config)
+    steps = steps_per_epoch(dataset.train_size, config)
     assert steps == 3  # 12 examples needed, 10 decode: 2 come again from the epoch's start
     with caplog.at_level(logging.WARNING):
         batches = take(dataset.train_batches(0), steps + 1)  # the report comes at epoch end
@@ -149,18 +151,18 @@ def test_image_folder_structural_problems_name_the_path(tmp_path):
     root = make_image_folder(tmp_path / "data")
     (root / "train" / "empty_class").mkdir()
     with pytest.raises(ValueError, match="empty_class.* holds no images"):
-        tf_input.list_image_folder(str(root), "train")
+        image_folder.list_image_folder(str(root), "train")
     with pytest.raises(FileNotFoundError, match="test.* does not exist"):
-        tf_input.list_image_folder(str(root), "test")
+        image_folder.list_image_folder(str(root), "test")
 
 
 def test_order_and_augmentation_depend_only_on_seed_and_step(tmp_path):
     root = make_image_folder(tmp_path / "data", per_class=12)
     config = small(default.get_config(), dataset="image_folder", data_dir=str(root), channels=3)
     config.num_classes, config.input.pca_lighting_std = 2, 0.1
-    first = take(input_pipeline.create_dataset(config).train_batches(0), 5)
-    again = take(input_pipeline.create_dataset(config).train_batches(0), 5)
-    resumed = take(input_pipeline.create_dataset(config).train_batches(3), 2)
+    first = take(data.create_dataset(config).train_batches(0), 5)
+    again = take(data.create_dataset(config).train_batches(0), 5)
+    resumed = take(data.create_dataset(config).train_batches(3), 2)
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
     for a, b in zip(first[3:], resumed, strict=True):
@@ -168,7 +170,7 @@ def test_order_and_augmentation_depend_only_on_seed_and_step(tmp_path):
         np.testing.assert_array_equal(a["label"], b["label"])
     assert not np.array_equal(first[0]["image"], first[3]["image"])  # epochs 0 and 1 differ
     config.seed = 1
-    other = next(input_pipeline.create_dataset(config).train_batches(0))
+    other = next(data.create_dataset(config).train_batches(0))
     assert not np.array_equal(first[0]["image"], other["image"])
 
 
@@ -224,10 +226,10 @@ def test_preprocessing_equals_the_steps_written_with_tensorflow_ops(tmp_path):
             crop=True, flip=True, lighting_std=0.1,
         )  # fmt: skip
         assert_same_but_rounding(out, expected)
-    centre = preprocess.preprocess_for_eval(
+    center = preprocess.preprocess_for_eval(
         contents, image_size=32, resize_size=40, channels=3, crops=1
     )
-    assert_same_but_rounding(centre, preprocess.to_uint8(resized[4:36, 4:36]))
+    assert_same_but_rounding(center, preprocess.to_uint8(resized[4:36, 4:36]))
     ten = preprocess.preprocess_for_eval(
         contents, image_size=32, resize_size=40, channels=3, crops=10
     )
@@ -262,7 +264,7 @@ def test_pca_lighting_noise_has_the_eigen_covariance():
     np.testing.assert_allclose(image, np.broadcast_to(shifts[0], image.shape), rtol=1e-6)
 
 
-def test_ten_crops_are_the_corners_centre_and_mirrors():
+def test_ten_crops_are_the_corners_center_and_mirrors():
     crops = preprocess.ten_crops(coded_image(), 7).numpy()[..., 0]
     assert crops.shape == (10, 7, 7)
     origins = [divmod(int(c[0, 0]), 100) for c in crops[:5]]
@@ -282,6 +284,7 @@ def test_decode_central_square_png_and_jpeg(tmp_path):
     assert np.abs(jpeg.astype(int) - whole[:, 10:40].astype(int)).mean() < 3  # same decode
 
 
+@pytest.mark.slow
 def test_synthetic_source_trains_without_importing_tensorflow(tmp_path):
     code = (
         "import sys; from configs import synthetic; from alexnet_jax import train;"

@@ -1,4 +1,4 @@
-"""The paper's local response normalisation, against three independent references."""
+"""The paper's local response normalization, against three independent references."""
 
 import chex
 import jax
@@ -24,7 +24,7 @@ def naive_lrn(a: np.ndarray, size: int, k: float, alpha: float, beta: float) -> 
 
 
 def activations(shape=(2, 7, 7, 96), scale=30.0, seed=0):
-    """ReLU-like activations large enough that the normalisation matters (alpha*sum ~ k)."""
+    """ReLU-like activations large enough that the normalization matters (alpha*sum ~ k)."""
     rng = np.random.default_rng(seed)
     return (np.abs(rng.normal(size=shape)) * scale).astype(np.float32)
 
@@ -121,6 +121,6 @@ def test_lrn_bfloat16_is_stable_and_close_to_float32():
 
 
 @pytest.mark.parametrize("size", [0, -1, 4])
-def test_lrn_rejects_sizes_without_a_centre(size):
+def test_lrn_rejects_sizes_without_a_center(size):
     with pytest.raises(ValueError, match=f"odd number of channels, got {size}"):
         local_response_norm(jnp.ones((1, 1, 1, 8)), size=size)

@@ -142,7 +142,7 @@ def test_bad_arguments_get_clear_errors():
         AlexNet().init(jax.random.key(0), jnp.zeros((227, 227, 3)))
 
 
-def test_paper_initialisation():
+def test_paper_initialization():
     """Weights N(0, 0.01^2); biases 1 in conv2, conv4, conv5, fc6, fc7 and 0 elsewhere."""
     params = init_variables()["params"]
     for name in LAYER_NAMES:

@@ -14,8 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import checkpointing, input_pipeline, optim, train
-from alexnet_jax.config_checks import ConfigError, validate_config
+from alexnet_jax import checkpointing, data, normalization, optim, steps, train
+from alexnet_jax.config_checks import validate_config
+from alexnet_jax.data.dataset import shard
+from alexnet_jax.data.digits import load_digits
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.metrics import read_metrics
 from configs import default
 
@@ -43,19 +46,26 @@ def small_config(**overrides):
 
 
 def fixed_batch(num_devices, per_device=4, size=67, seed=0):
-    images, labels = input_pipeline.load_digits(size)
+    images, labels = load_digits(size)
     chosen = np.random.default_rng(seed).choice(len(labels), num_devices * per_device, False)
-    return input_pipeline.shard({"image": images[chosen], "label": labels[chosen]}, num_devices)
+    return shard({"image": images[chosen], "label": labels[chosen]}, num_devices)
 
 
 def new_state(config, seed=0):
-    model = train.create_model(config, 10)
-    return train.create_train_state(jax.random.PRNGKey(seed), config, model, (67, 67, 1))
+    model = steps.create_model(config, 10)
+    return steps.create_train_state(jax.random.PRNGKey(seed), config, model, (67, 67, 1))
 
 
+def make_train_step(config, lr_fn, devices=None):
+    """The pmap-ed train step main.py runs, for a config that needs no mean image."""
+    normalize = normalization.make_normalizer(config.input)
+    return steps.make_train_step(config, lr_fn, normalize, devices=devices)
+
+
+@pytest.mark.slow
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     config = small_config(**{"model.dropout_rate": 0.0})
-    p_train, _ = train.make_steps(config, optim.create_learning_rate_fn(config, 10))
+    p_train = make_train_step(config, optim.create_learning_rate_fn(config, 10))
     batch = fixed_batch(jax.local_device_count())
     state = new_state(config)
     losses = []
@@ -66,6 +76,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     assert int(state.step) == 8
 
 
+@pytest.mark.slow
 def test_one_and_four_devices_give_the_same_update():
     """The same global batch of 16 on 1 device or 4 devices x 4: the same parameters."""
     assert jax.local_device_count() >= 4, "conftest forces 4 CPU devices"
@@ -74,7 +85,7 @@ def test_one_and_four_devices_give_the_same_update():
     global_batch = fixed_batch(1, per_device=16)
     results = []
     for devices in (jax.local_devices()[:1], jax.local_devices()[:4]):
-        p_train, _ = train.make_steps(config, lr_fn, devices=devices)
+        p_train = make_train_step(config, lr_fn, devices=devices)
         batch = {k: v.reshape((len(devices), -1) + v.shape[2:]) for k, v in global_batch.items()}
         state = new_state(config)
         for _ in range(3):
@@ -92,11 +103,11 @@ def test_each_device_draws_its_own_dropout_mask():
     same_everywhere = {k: np.repeat(v, 4, axis=0) for k, v in batch.items()}
 
     def per_device_loss(state, batch):
-        rng = train.dropout_key(state.rng, 0)
+        rng = steps.dropout_key(state.rng, 0)
         logits = state.apply_fn(
             {"params": state.params}, batch["image"], train=True, rngs={"dropout": rng}
         )
-        return train.classification_metrics(logits, batch["label"])["loss"].mean()
+        return steps.classification_metrics(logits, batch["label"])["loss"].mean()
 
     losses = jax.pmap(per_device_loss, axis_name="batch", in_axes=(None, 0))(state, same_everywhere)
     assert len(set(np.asarray(losses).round(6).tolist())) == 4
@@ -162,6 +173,7 @@ SMALL_FLAGS = (
 )
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path):
     """Killed (SIGKILL) after its first checkpoint and rerun, a run ends as if never stopped."""
     reference = train.train_and_evaluate(
@@ -189,6 +201,7 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path):
         assert final[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-7), key
 
 
+@pytest.mark.slow
 def test_in_process_resume_gives_identical_parameters(tmp_path):
     """Stopping at step 3 and continuing to 6 reproduces the parameters of a straight run."""
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
@@ -205,6 +218,7 @@ def test_in_process_resume_gives_identical_parameters(tmp_path):
     chex.assert_trees_all_equal(params[0], params[1])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "preempted"
     process = run_main(
@@ -228,6 +242,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert os.path.isdir(workdir / "checkpoints" / str(stopped_at))
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     config = small_config(
         learning_rate=1e8, num_train_steps=40, checkpoint_every_steps=1, log_every_steps=5
@@ -243,6 +258,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in leaves)
 
 
+@pytest.mark.slow
 def test_metrics_file_records_train_and_eval(tmp_path):
     result = train.train_and_evaluate(small_config(), str(tmp_path))
     records = read_metrics(str(tmp_path))
@@ -262,6 +278,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_with_all_devices(tmp_path):
     """2 processes x 2 CPU devices on 127.0.0.1 end where 1 process x 4 devices ends."""
     flags = (*SMALL_FLAGS, "--config.distributed=yes")
@@ -295,13 +312,14 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
         assert multi[-1][key] == pytest.approx(single_records[-1][key], rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_mean_image_is_averaged_saved_and_subtracted(tmp_path):
     config = small_config(
         num_train_steps=2, **{"input.normalization": "mean_image", "input.mean_image_batches": 3}
     )
     train.train_and_evaluate(config, str(tmp_path))
-    saved = np.load(tmp_path / input_pipeline.MEAN_IMAGE_FILE)
-    batches = input_pipeline.create_dataset(config).train_batches(0)
+    saved = np.load(tmp_path / normalization.MEAN_IMAGE_FILE)
+    batches = data.create_dataset(config).train_batches(0)
     first = np.concatenate([next(batches)["image"].reshape(-1, 67, 67, 1) for _ in range(3)])
     chex.assert_shape(saved, (67, 67, 1))
     np.testing.assert_allclose(saved, first.mean(0), rtol=1e-5, atol=1e-6)
@@ -309,15 +327,16 @@ def test_mean_image_is_averaged_saved_and_subtracted(tmp_path):
 
     # Subtracted on the device from uint8 and float images alike.
     batch = fixed_batch(1)["image"][0]
-    np.testing.assert_allclose(train.normalize_images(batch, config, saved), batch - saved)
+    normalize = normalization.make_normalizer(config.input, saved)
+    np.testing.assert_allclose(normalize(batch), batch - saved)
     pixels = (batch * 255).astype(np.uint8)
-    np.testing.assert_allclose(
-        train.normalize_images(pixels, config, saved), pixels.astype(np.float32) - saved
-    )
+    np.testing.assert_allclose(normalize(pixels), pixels.astype(np.float32) - saved)
     with pytest.raises(ValueError, match="needs the mean image"):
-        train.normalize_images(batch, config)
+        normalization.make_normalizer(config.input)
 
-    np.save(tmp_path / input_pipeline.MEAN_IMAGE_FILE, np.zeros((32, 32, 1), np.float32))
-    dataset = input_pipeline.create_dataset(config)
+    np.save(tmp_path / normalization.MEAN_IMAGE_FILE, np.zeros((32, 32, 1), np.float32))
+    dataset = data.create_dataset(config)
     with pytest.raises(ValueError, match=r"mean_image.npy has shape \(32, 32, 1\).*\(67, 67"):
-        input_pipeline.load_or_compute_mean_image(config, dataset, str(tmp_path))
+        normalization.load_or_compute_mean_image(
+            config, str(tmp_path), dataset.train_batches, dataset.image_shape
+        )

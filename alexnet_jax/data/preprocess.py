@@ -2,8 +2,8 @@
 
 Training (section 4.1): take the central square of the image and rescale it to 256x256
 (the paper's "shorter side to 256, then the central 256x256 patch"), then a random
-227x227 crop, a random horizontal flip and fancy-PCA lighting. Evaluation: the centre crop,
-or ten crops (four corners and the centre, and their mirrors). A single crop is resampled
+227x227 crop, a random horizontal flip and fancy-PCA lighting. Evaluation: the center crop,
+or ten crops (four corners and the center, and their mirrors). A single crop is resampled
 straight from the square (``resized_crop``): the same pixels as resizing to 256 and
 cropping, without computing the 256x256 image. Random ops are stateless, seeded per
 example, so the order and the augmentation depend only on the seeds given.
@@ -25,7 +25,7 @@ PCA_EIGVEC = (
 
 
 def central_square_window(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
-    """[y, x, side, side] of the largest centred square in an image of that size."""
+    """[y, x, side, side] of the largest centered square in an image of that size."""
     side = tf.minimum(height, width)
     return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
@@ -78,8 +78,8 @@ def random_crop_offset(height, width, size: int, seed: tf.Tensor) -> tf.Tensor:
     return offset[:2]
 
 
-def centre_offset(resize_size: int, size: int) -> tf.Tensor:
-    """[y, x] of the centred size x size window of a resize_size x resize_size image."""
+def center_offset(resize_size: int, size: int) -> tf.Tensor:
+    """[y, x] of the centered size x size window of a resize_size x resize_size image."""
     return tf.fill([2], (resize_size - size) // 2)
 
 
@@ -100,7 +100,7 @@ def pca_lighting(image: tf.Tensor, std: float, seed: tf.Tensor) -> tf.Tensor:
 
 
 def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
-    """(10, size, size, C): four corners and the centre, then the same five mirrored."""
+    """(10, size, size, C): four corners and the center, then the same five mirrored."""
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     offsets = [
         (0, 0),
@@ -115,7 +115,7 @@ def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def to_uint8(image: tf.Tensor) -> tf.Tensor:
-    """Rounds and clips to uint8: 4x fewer bytes to the device, normalised there."""
+    """Rounds and clips to uint8: 4x fewer bytes to the device, normalized there."""
     return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
 
 
@@ -135,7 +135,7 @@ def preprocess_for_train(
     if crop:
         offset = random_crop_offset(resize_size, resize_size, image_size, crop_seed)
     else:
-        offset = centre_offset(resize_size, image_size)
+        offset = center_offset(resize_size, image_size)
     image = resized_crop(decode_central_square(contents, channels), resize_size, image_size, offset)
     if lighting_std > 0 and channels == 3:
         image = pca_lighting(image, lighting_std, light_seed)
@@ -147,9 +147,9 @@ def preprocess_for_train(
 def preprocess_for_eval(
     contents: tf.Tensor, *, image_size: int, resize_size: int, channels: int, crops: int
 ) -> tf.Tensor:
-    """Encoded image -> uint8 centre crop (S, S, C), or ten crops (10, S, S, C)."""
+    """Encoded image -> uint8 center crop (S, S, C), or ten crops (10, S, S, C)."""
     square = decode_central_square(contents, channels)
     if crops == 10:  # rounded once, before the crops and mirrors (they commute)
         return ten_crops(to_uint8(resize(square, resize_size)), image_size)
-    offset = centre_offset(resize_size, image_size)
+    offset = center_offset(resize_size, image_size)
     return to_uint8(resized_crop(square, resize_size, image_size, offset))

@@ -1,0 +1,53 @@
+"""Data sources: ``create_dataset(config)`` returns the ``Dataset`` that ``config.dataset`` names.
+
+- ``digits`` (``digits.py``): scikit-learn's bundled handwritten digits; numpy only.
+- ``synthetic`` (``synthetic.py``): random batches made on the devices, for benchmarks.
+- TFDS names and ``image_folder`` (``tf_sources.py``): through the tf.data pipeline
+  (``tf_pipeline.py``, augmentation in ``preprocess.py``). Only these import TensorFlow.
+
+``dataset.py`` defines the ``Dataset`` every source returns; ``image_folder.py`` lists and
+checks image folders without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from alexnet_jax.data.dataset import Dataset
+from alexnet_jax.data.digits import digits_dataset
+from alexnet_jax.data.synthetic import synthetic_dataset
+from alexnet_jax.errors import ConfigError
+
+NUMPY_SOURCES = ("digits", "synthetic")
+# Kept here, not in tf_sources, so that naming them imports no TensorFlow.
+TFDS_SOURCES = ("imagenet2012", "fashion_mnist", "mnist", "cifar10", "imagenette")
+SOURCES = NUMPY_SOURCES + TFDS_SOURCES + ("image_folder",)
+
+
+def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
+    """The data source named by ``config.dataset``.
+
+    Raises ``ConfigError`` when ``config.num_classes`` differs from the source's class count
+    (for training, evaluation and prediction alike).
+    """
+    if config.dataset == "digits":
+        dataset = digits_dataset(config)
+    elif config.dataset == "synthetic":
+        dataset = synthetic_dataset(config)
+    elif config.dataset in TFDS_SOURCES or config.dataset == "image_folder":
+        # TensorFlow (an optional heavy dependency) is imported only for these sources.
+        from alexnet_jax.data import tf_sources
+
+        if config.dataset == "image_folder":
+            dataset = tf_sources.image_folder_dataset(config)
+        else:
+            dataset = tf_sources.tfds_dataset(config)
+    else:
+        raise ConfigError(f"config.dataset={config.dataset!r}: choose one of {SOURCES}")
+    if dataset.num_classes != config.num_classes:
+        raise ConfigError(
+            f"config.num_classes={config.num_classes} but {dataset.name!r} has "
+            f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:5])}...): set "
+            f"--config.num_classes={dataset.num_classes}"
+        )
+    return dataset

@@ -1,0 +1,298 @@
+"""The tf.data pipeline that turns undecoded examples into device-shaped batches.
+
+A source (``alexnet_jax.data.tf_sources``) hands over each split's raw examples,
+``{"image": encoded bytes or a file path, "label", "name"}``, as this process reads them;
+``TFPipeline`` decodes, augments (``alexnet_jax.data.preprocess``) and batches them:
+
+- training: every epoch is its own tf.data pipeline, shuffled with a seed made of
+  (config.seed, epoch) and augmented with per-example stateless seeds, so a run resumed at
+  step ``s`` skips to the same batch, and the batches do not depend on tf.data's
+  parallelism. Images that fail to decode are dropped, named at the epoch's end, and the
+  epoch is filled up from its own beginning: every epoch has ``steps_per_epoch`` batches on
+  every process (collectives need it).
+- evaluation: one pass in order, padded and masked to the same number of batches on every
+  process.
+
+Importing this module imports TensorFlow and hides the GPU from it (the GPU belongs to JAX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+import alexnet_jax.data.preprocess as preprocess
+from alexnet_jax.data.dataset import Batch, Dataset, local_batch_size, shard, steps_per_epoch
+from alexnet_jax.errors import DataError
+
+tf.config.set_visible_devices([], "GPU")
+
+
+@dataclasses.dataclass
+class RawSplit:
+    """One split's undecoded examples, as this process reads them."""
+
+    examples: Callable[[], tf.data.Dataset]  # {"image": bytes or path, "label", "name"}
+    size: int  # examples in the split, all processes together
+    local_size: int  # examples this process reads
+    listed_bad: int = 0  # files dropped before (named when the folder was listed)
+    read_files: bool = False  # "image" holds a path, read just before decoding
+
+
+class TFPipeline:
+    """Batches of one data set's train and eval splits; ``dataset()`` is what the trainer uses."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        name: str,
+        class_names: list[str],
+        train: RawSplit,
+        evaluation: RawSplit,
+    ):
+        self.config = config
+        self.name = name
+        self.class_names = class_names
+        self.train, self.evaluation = train, evaluation
+        self.devices = jax.local_device_count()
+        self.local_batch = local_batch_size(config.batch_size)
+        self.local_eval_batch = local_batch_size(config.eval_batch_size)
+        self.steps_per_epoch = steps_per_epoch(train.size, config)
+        self.channels = 3 if config.grayscale_to_rgb else config.channels
+        self.options = tf.data.Options()
+        self.options.deterministic = True
+        if config.input.threads:
+            self.options.threading.private_threadpool_size = config.input.threads
+        inputs = config.input
+        self.train_fn = functools.partial(
+            preprocess.preprocess_for_train,
+            image_size=config.image_size,
+            resize_size=inputs.resize_size,
+            channels=config.channels,
+            crop=inputs.random_crop,
+            flip=inputs.random_flip,
+            lighting_std=inputs.pca_lighting_std,
+        )
+        self.eval_fn = functools.partial(
+            preprocess.preprocess_for_eval,
+            image_size=config.image_size,
+            resize_size=inputs.resize_size,
+            channels=config.channels,
+            crops=inputs.eval_crops,
+        )
+
+    def dataset(self) -> Dataset:
+        size = self.config.image_size
+        return Dataset(
+            name=self.name,
+            num_classes=len(self.class_names),
+            class_names=self.class_names,
+            image_shape=(size, size, self.channels),
+            train_size=self.train.size,
+            eval_size=self.evaluation.size,
+            train_batches=self.train_batches,
+            eval_batches=self.eval_batches,
+            has_crops=True,
+        )
+
+    # --- decoding ------------------------------------------------------------------------------
+
+    def _encoded(self, split: RawSplit, example: dict) -> tf.Tensor:
+        return tf.io.read_file(example["image"]) if split.read_files else example["image"]
+
+    def _to_rgb(self, image: tf.Tensor) -> tf.Tensor:
+        return tf.image.grayscale_to_rgb(image) if self.channels != self.config.channels else image
+
+    # --- training ------------------------------------------------------------------------------
+
+    def shuffled(self, epoch: int) -> tuple[tf.data.Dataset, int]:
+        """The epoch's raw training examples in their shuffled order, and the epoch's seed."""
+        seed = self.config.seed * 1_000_003 + epoch
+        buffer = min(self.config.input.shuffle_buffer, self.train.size)
+        ds = self.train.examples().shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+        return ds, seed
+
+    def decoded(self, epoch: int, start: int) -> tf.data.Dataset:
+        """Examples ``start``... of the epoch, augmented, with their positions in ``index``.
+
+        Skipped examples are never decoded; one that fails to decode is dropped here and
+        named by the epoch's report (its index is missing from the batches). The skip counts
+        raw examples, so a resume is exact unless an image before the resume point failed
+        to decode (that shifts the batch boundaries after it).
+        """
+        ds, seed = self.shuffled(epoch)
+
+        def augment(i, example):
+            image = self.train_fn(
+                self._encoded(self.train, example), tf.stack([tf.cast(seed, tf.int64), i])
+            )
+            label = tf.cast(example["label"], tf.int32)
+            return {"image": self._to_rgb(image), "label": label, "index": i}
+
+        ds = ds.enumerate().skip(start).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.ignore_errors()
+
+    def epoch_batches(self, epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
+        """Epoch ``epoch``'s batches from its batch ``skip`` on, always full (see
+        ``full_batches``). The filler is built only when needed: building it every epoch costs
+        a trace of the preprocessing."""
+        needed = self.steps_per_epoch - skip
+        ds = self.decoded(epoch, skip * self.local_batch).batch(self.local_batch).take(needed)
+        batches = ds.with_options(self.options).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+        def filler() -> Iterator[dict[str, np.ndarray]]:
+            return self.decoded(epoch, 0).with_options(self.options).as_numpy_iterator()
+
+        what = f"Epoch {epoch} of {self.name!r}"
+        yield from full_batches(batches, filler, self.local_batch, needed, what)
+
+    def train_batches(self, start_step: int) -> Iterator[Batch]:
+        epoch, skip = divmod(start_step, self.steps_per_epoch)
+        while True:
+            gaps = Gaps(skip * self.local_batch, self.train.local_size)
+            for batch in self.epoch_batches(epoch, skip):
+                gaps.update(batch.pop("index"))
+                yield shard(batch, self.devices)
+            failed = names_at(self.shuffled(epoch)[0], gaps.missing) if gaps.missing else []
+            report_skipped(f"{self.name} train, epoch {epoch}", self.train.listed_bad, failed)
+            epoch, skip = epoch + 1, 0
+
+    # --- evaluation ----------------------------------------------------------------------------
+
+    def eval_image_shape(self) -> tuple[int, ...]:
+        crops = (10,) if self.config.input.eval_crops == 10 else ()
+        return crops + (self.config.image_size, self.config.image_size, self.channels)
+
+    def eval_batches(self) -> Iterator[Batch]:
+        """One pass over the evaluation split; every process yields the same number of
+        batches, padded and masked."""
+        split = self.evaluation
+
+        def prepare(i, example):
+            image = self._to_rgb(self.eval_fn(self._encoded(split, example)))
+            return {"image": image, "label": tf.cast(example["label"], tf.int32), "index": i}
+
+        ds = split.examples().enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.ignore_errors().batch(self.local_eval_batch).with_options(self.options)
+        iterator = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+        steps = math.ceil(math.ceil(split.size / jax.process_count()) / self.local_eval_batch)
+        gaps = Gaps(0, split.local_size)
+        for _ in range(steps):
+            batch = next(iterator, None)
+            if batch is not None:
+                gaps.update(batch.pop("index"))
+            padded = pad_batch(batch, self.local_eval_batch, self.eval_image_shape())
+            yield shard(padded, self.devices)
+        if next(iterator, None) is None:  # the split was read to its end
+            gaps.close()
+        failed = names_at(split.examples(), gaps.missing) if gaps.missing else []
+        report_skipped(f"{self.name} eval", split.listed_bad, failed)
+
+
+# --- the parts, each testable alone --------------------------------------------------------------
+
+
+def full_batches(
+    batches: Iterator[dict[str, np.ndarray]],
+    filler: Callable[[], Iterator[dict[str, np.ndarray]]],
+    batch_size: int,
+    needed: int,
+    what: str,
+) -> Iterator[dict[str, np.ndarray]]:
+    """``needed`` batches of ``batch_size`` examples: the full ones of ``batches``, then, when
+    examples failed to decode and the stream ran short, its last partial batch topped up with
+    single examples from ``filler()`` (the epoch again from its beginning).
+
+    Raises ``DataError`` naming ``what`` when even the filler cannot make up the count.
+    """
+    pending: list[dict[str, np.ndarray]] = []
+    for batch in batches:
+        if len(batch["label"]) == batch_size:
+            needed -= 1
+            yield batch
+        else:
+            pending.append(batch)  # the epoch's last, partial batch
+    if needed <= 0:
+        return
+    examples = filler()
+    count = sum(len(p["label"]) for p in pending)
+    while needed > 0:
+        example = next(examples, None)
+        if example is None:
+            raise DataError(f"{what} cannot fill its batches: most of its images failed to decode")
+        pending.append({k: v[None] for k, v in example.items()})
+        count += 1
+        if count == batch_size:
+            yield {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+            pending, count, needed = [], 0, needed - 1
+
+
+def pad_batch(batch: dict | None, size: int, image_shape: tuple) -> Batch:
+    """Pads an evaluation batch (or makes an empty one) to ``size`` with a 0/1 mask."""
+    if batch is None:
+        batch = {"image": np.zeros((0,) + image_shape, np.uint8), "label": np.zeros(0, np.int32)}
+    n = len(batch["label"])
+    mask = np.zeros(size, np.float32)
+    mask[:n] = 1
+    return {
+        "image": np.concatenate([batch["image"], np.zeros((size - n,) + image_shape, np.uint8)]),
+        "label": np.concatenate([batch["label"], np.zeros(size - n, np.int32)]),
+        "mask": mask,
+    }
+
+
+class Gaps:
+    """Tracks which positions of a stream are missing from its batches (failed to decode).
+
+    Positions arrive in increasing order from ``start``; a smaller one means the stream has
+    moved on to the filler taken from its beginning, whose failures were counted already.
+    """
+
+    def __init__(self, start: int, end: int):
+        self.next, self.end = start, end  # end: the stream's length
+        self.missing: list[int] = []
+        self.in_filler = False
+
+    def update(self, indices: np.ndarray) -> None:
+        for i in indices.tolist():
+            if self.in_filler or i < self.next:
+                if not self.in_filler:
+                    self.close()
+                self.in_filler = True
+                continue
+            self.missing.extend(range(self.next, i))
+            self.next = i + 1
+
+    def close(self) -> None:
+        """The stream was read to its end: whatever followed the last position failed."""
+        self.missing.extend(range(self.next, self.end))
+        self.next = self.end
+
+
+def names_at(raw: tf.data.Dataset, positions: list[int]) -> list[str]:
+    """The names of the examples at ``positions`` of the raw (undecoded) stream."""
+    wanted = tf.constant(positions, tf.int64)
+    ds = raw.enumerate().filter(lambda i, ex: tf.reduce_any(tf.equal(i, wanted)))
+    names = ds.map(lambda i, ex: ex["name"]).take(len(positions))
+    return [name.decode(errors="replace") for name in names.as_numpy_iterator()]
+
+
+def report_skipped(where: str, listed: int, failed: list[str]) -> None:
+    """The per-epoch count of skipped files, naming the ones that failed to decode."""
+    for name in failed[:20]:
+        logging.warning("Skipped %s: it failed to decode", name)
+    if listed or failed:
+        logging.warning(
+            "%s: skipped %d bad files (%d found when the folder was listed and named then, "
+            "%d failed to decode%s)",
+            where, listed + len(failed), listed, len(failed),
+            "; the first 20 named above" if len(failed) > 20 else "",
+        )  # fmt: skip

@@ -1,0 +1,180 @@
+"""A run's workdir and the files in it that other runs and modes read back.
+
+``config.json`` and ``class_names.txt`` (written when a run starts), choosing a checkpoint
+(best by eval top-1, latest, or a step) and restoring it into a model, and moving a
+checkpoint's layers into another model (fine-tuning). Checkpoints themselves are
+``alexnet_jax.checkpointing``'s; metrics are ``alexnet_jax.metrics``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import traverse_util
+
+from alexnet_jax import checkpointing
+from alexnet_jax.defaults import config_from_dict, config_to_json
+from alexnet_jax.errors import CheckpointError, MissingCheckpointError
+from alexnet_jax.metrics import read_metrics
+from alexnet_jax.model import describe
+from alexnet_jax.steps import TrainState, create_model, create_train_state
+
+CONFIG_FILE = "config.json"
+CLASS_NAMES_FILE = "class_names.txt"
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, class_names: list[str]):
+    """``config.json`` and ``class_names.txt``: what eval, predict and init_from read back."""
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config_to_json(config))
+    with open(os.path.join(workdir, CLASS_NAMES_FILE), "w") as f:
+        f.write("\n".join(class_names) + "\n")
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a run saved as ``WORKDIR/config.json``, on top of today's defaults."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise MissingCheckpointError(
+            f"{path!r} does not exist: {workdir!r} is not a training or converted run's workdir "
+            "(pass --config to say how the checkpoint was trained)"
+        )
+    with open(path) as f:
+        return config_from_dict(json.load(f), path)
+
+
+def class_names(workdir: str, num_classes: int) -> list[str]:
+    """The run's ``class_names.txt``, or "0".."n-1" when it is missing or does not fit."""
+    path = os.path.join(workdir, CLASS_NAMES_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+        if len(names) == num_classes:
+            return names
+        logging.warning("%s lists %d names for %d classes; numbering them", path,
+                        len(names), num_classes)  # fmt: skip
+    return [str(i) for i in range(num_classes)]
+
+
+# --- choosing and restoring a checkpoint ------------------------------------------------------
+
+
+def choose_step(workdir: str, manager, which: str | int = "best") -> int:
+    """The checkpoint step for ``which``: "best" (highest eval top-1 in ``metrics.jsonl`` among
+    the kept checkpoints; the latest when none was evaluated), "latest", or a step number."""
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise MissingCheckpointError(f"No checkpoints in {manager.directory}")
+    if which == "latest":
+        return steps[-1]
+    if which == "best":
+        evals = {}
+        for record in read_metrics(workdir):
+            if record.get("split") == "eval" and record["step"] in steps:
+                evals[record["step"]] = record["top1"]
+        return max(evals, key=lambda s: (evals[s], s)) if evals else steps[-1]
+    try:
+        step = int(which)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {which!r}: use best, latest or a step number") from error
+    if step not in steps:
+        raise MissingCheckpointError(
+            f"No checkpoint at step {step} in {manager.directory}: {steps}"
+        )
+    return step
+
+
+def check_fits(manager, step: int, template: TrainState, config) -> None:
+    """Raises ``CheckpointError`` naming each parameter whose saved shape differs from the
+    model's."""
+    saved_params = _saved_params_metadata(manager, step)
+    expected = jax.tree_util.tree_map(lambda x: tuple(x.shape), template.params)
+    got = jax.tree_util.tree_map(lambda m: tuple(m.shape), saved_params)
+    flat_expected = traverse_util.flatten_dict(expected, sep="/")
+    flat_got = traverse_util.flatten_dict(got, sep="/")
+    problems = [
+        f"{name}: checkpoint {flat_got.get(name)}, model {shape}"
+        for name, shape in flat_expected.items()
+        if flat_got.get(name) != shape
+    ]
+    problems += [f"{name}: in the checkpoint, not in the model" for name in flat_got
+                 if name not in flat_expected]  # fmt: skip
+    if problems:
+        raise CheckpointError(
+            f"The checkpoint at step {step} in {manager.directory} does not fit "
+            f"{describe(config.model, config.num_classes)}: " + "; ".join(problems)
+        )
+
+
+def _saved_params_metadata(manager, step: int) -> Any:
+    """The saved parameters' metadata tree (shapes), read without restoring any array."""
+    path = os.path.join(str(manager.directory), str(step), "default")
+    try:
+        metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise CheckpointError(f"{path!r} is not a readable Orbax checkpoint: {error}") from error
+    tree = getattr(metadata, "tree", metadata)
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise CheckpointError(f"{path!r} is not an alexnet_jax checkpoint: it saves no 'params'")
+    return tree["params"]
+
+
+def template_state(config: ml_collections.ConfigDict) -> TrainState:
+    """A freshly initialized state of the model ``config`` describes: the shapes to restore."""
+    channels = 3 if config.grayscale_to_rgb else config.channels
+    model = create_model(config, config.num_classes)
+    shape = (config.image_size, config.image_size, channels)
+    return create_train_state(jax.random.PRNGKey(0), config, model, shape)
+
+
+def restore_state(
+    config: ml_collections.ConfigDict, workdir: str, which: str | int = "best"
+) -> tuple[TrainState, int]:
+    """The TrainState of a run's checkpoint (``which``: best, latest or a step) and its step."""
+    manager = checkpointing.create_manager(workdir, config)
+    try:
+        step = choose_step(workdir, manager, which)
+        template = template_state(config)
+        check_fits(manager, step, template, config)
+        return checkpointing.restore(manager, template, step), step
+    finally:
+        manager.close()
+
+
+def params_from_workdir(workdir: str, which: str | int = "best") -> tuple[dict, int]:
+    """The parameters of another run's (or a converted model's) checkpoint, and its step."""
+    state, step = restore_state(load_run_config(workdir), workdir, which)
+    return jax.device_get(state.params), step
+
+
+def transfer_params(target: dict, source: dict, source_name: str, head: str) -> dict:
+    """``target`` with every layer taken from ``source``; the ``head`` layer (the classifier,
+    ``model.head_layer``) stays newly initialized when its class count differs. Any other
+    mismatch raises ``CheckpointError`` naming it."""
+    params = dict(target)
+    for layer, values in target.items():
+        if layer not in source:
+            raise CheckpointError(f"{source_name} has no layer {layer!r}: another architecture?")
+        shapes = {k: (tuple(v.shape), tuple(source[layer][k].shape)) for k, v in values.items()}
+        if all(ours == theirs for ours, theirs in shapes.values()):
+            params[layer] = jax.tree_util.tree_map(jnp.asarray, source[layer])
+        elif layer == head:
+            logging.info("New head: %s %s from %s is replaced by a fresh %s", layer,
+                         shapes["kernel"][1], source_name, shapes["kernel"][0])  # fmt: skip
+        else:
+            raise CheckpointError(
+                f"Layer {layer!r} of {source_name} does not fit this model: "
+                + ", ".join(
+                    f"{k} {theirs} there, {ours} here" for k, (ours, theirs) in shapes.items()
+                )
+                + " (same config.model.variant, groups and input channels needed)"
+            )
+    return params

@@ -1,0 +1,255 @@
+"""The pure steps: the training state, one SGD step, one evaluation step; pmap-ed over devices.
+
+The state is passed to ``jax.pmap`` unreplicated (``in_axes=None``) and comes back
+replicated (``out_axes=None``), the pattern of Flax's ImageNet example since pmap became
+``jit(shard_map)``: there is no replicate/unreplicate gather, and it works across hosts.
+Gradients and metrics are averaged with ``lax.pmean`` over the ``"batch"`` axis; each
+device draws its own dropout mask from ``fold_in(fold_in(seed_key, step), device)``.
+
+The steps receive what they need as functions built before tracing (the learning-rate
+schedule, the pixel normalization), never the config.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+from jax import lax
+
+from alexnet_jax import optim
+from alexnet_jax.model import create_model as create_network
+from alexnet_jax.normalization import Normalizer
+
+AXIS = "batch"
+
+# XLA:CPU (jax 0.10) runs convolutions through YNNPACK fusions, which are much slower than
+# its Eigen convolutions for AlexNet's shapes (measurements: benchmarks/README.md). The steps
+# are compiled with this option on CPU unless config.xla_cpu_ynn_fusions is True.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a run needs to continue exactly: checkpointed whole."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key: dropout keys are fold_in(rng, step), then the device
+    plateau: dict[str, jax.Array]  # reduce-on-plateau memory (optim.plateau_update)
+    nonfinite_step: jax.Array  # -1, or the first step whose loss or gradients were not finite
+    apply_fn: Callable = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The network of ``config.model``, computing in bfloat16 if ``config.half_precision``."""
+    dtype = jnp.bfloat16 if config.half_precision else jnp.float32
+    return create_network(config.model, num_classes, dtype)
+
+
+def create_train_state(
+    rng: jax.Array, config: ml_collections.ConfigDict, model: nn.Module, image_shape: tuple
+) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    params = jax.jit(lambda key: model.init(key, jnp.zeros((1,) + tuple(image_shape)))["params"])(
+        init_rng
+    )
+    tx = optim.create_optimizer(config)
+    return TrainState(
+        step=jnp.asarray(0, jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=state_rng,
+        plateau=optim.initial_plateau_state(),
+        nonfinite_step=jnp.asarray(-1, jnp.int32),
+        apply_fn=model.apply,
+        tx=tx,
+    )
+
+
+def classification_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Per-example loss, top-1 and top-5 (top-k capped at the number of classes)."""
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    k = min(5, logits.shape[-1])
+    top_k = lax.top_k(logits, k)[1]
+    hits = top_k == labels[:, None]
+    return {
+        "loss": loss,
+        "top1": hits[:, 0].astype(jnp.float32),
+        "top5": hits.any(-1).astype(jnp.float32),
+    }
+
+
+def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """This device's dropout key at ``step``: a function of (seed, step, device) only."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    learning_rate_fn: Callable[[jax.Array], jax.Array],
+    normalize: Normalizer,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step on this device's part of the batch; run inside ``jax.pmap``."""
+    step = state.step
+    dropout_rng = dropout_key(state.rng, step)
+    images = normalize(batch["image"])
+
+    def loss_fn(params):
+        logits = state.apply_fn(
+            {"params": params}, images, train=True, rngs={"dropout": dropout_rng}
+        )
+        per_example = classification_metrics(logits, batch["label"])
+        return per_example["loss"].mean(), per_example
+
+    (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, AXIS)
+    learning_rate = learning_rate_fn(step) * state.plateau["scale"]
+    metrics = lax.pmean({k: v.mean() for k, v in per_example.items()}, AXIS)
+    # A non-finite loss or gradient leaves the state as it was and records the step; the
+    # host stops the run at its next check, so no checkpoint ever holds NaNs. lax.cond runs
+    # the update only when it is finite (cheaper than selecting every parameter).
+    finite = jnp.isfinite(metrics["loss"]) & jnp.all(
+        jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)])
+    )
+
+    def apply_update(state: TrainState) -> TrainState:
+        opt_state = optim.set_learning_rate(state.opt_state, learning_rate)
+        updates, opt_state = state.tx.update(grads, opt_state, state.params)
+        return state.replace(
+            step=step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+        )
+
+    new_state = lax.cond(finite, apply_update, lambda state: state, state)
+    first_bad = jnp.where((state.nonfinite_step < 0) & ~finite, step, state.nonfinite_step)
+    new_state = new_state.replace(nonfinite_step=first_bad)
+    metrics["lr"] = learning_rate
+    return new_state, metrics
+
+
+def eval_logits(state: TrainState, images: jax.Array) -> jax.Array:
+    """Evaluation-mode logits; for 10-crop images (N, 10, H, W, C) the log of the crops'
+    averaged softmax (whose softmax is that average)."""
+    if images.ndim == 5:
+        n, crops = images.shape[:2]
+        logits = state.apply_fn(
+            {"params": state.params}, images.reshape((n * crops,) + images.shape[2:])
+        )
+        return jnp.log(jax.nn.softmax(logits).reshape((n, crops, -1)).mean(axis=1))
+    return state.apply_fn({"params": state.params}, images)
+
+
+def eval_step(
+    state: TrainState, batch: dict[str, jax.Array], *, normalize: Normalizer
+) -> dict[str, jax.Array]:
+    """Per-example top-5 classes (best first) and loss, with the batch's labels and mask, for
+    ``alexnet_jax.evaluate.Tally`` to count. 10-crop images average their crops' softmaxes."""
+    logits = eval_logits(state, normalize(batch["image"]))
+    return {
+        "top5": lax.top_k(logits, min(5, logits.shape[-1]))[1],
+        "loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]),
+        "label": batch["label"],
+        "mask": batch["mask"],
+    }
+
+
+def predict_probabilities(state: TrainState, images: jax.Array, *, normalize: Normalizer):
+    """Class probabilities of images (10-crop images: their crops' averaged softmax)."""
+    return jax.nn.softmax(eval_logits(state, normalize(images)))
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    learning_rate_fn: Callable,
+    normalize: Normalizer,
+    devices: list | None = None,
+) -> Callable:
+    """The pmap-ed train step: state unreplicated in, replicated out, donated.
+
+    ``devices`` defaults to every local device; ``normalize`` comes from
+    ``alexnet_jax.normalization.make_normalizer``. The state is donated in single-process
+    runs only: on jax 0.10, donating an ``in_axes=None`` argument to a multi-process pmap
+    deletes it before use ("Array has been deleted"), so several processes keep the extra copy.
+    """
+    donate = (0,) if jax.process_count() == 1 else ()
+    p_train_step = jax.pmap(
+        functools.partial(train_step, learning_rate_fn=learning_rate_fn, normalize=normalize),
+        axis_name=AXIS,
+        in_axes=(None, 0),
+        out_axes=(None, None),
+        donate_argnums=donate,
+        devices=devices,
+    )
+    return with_compiler_options(p_train_step, config, devices)
+
+
+def make_eval_step(
+    config: ml_collections.ConfigDict, normalize: Normalizer, devices: list | None = None
+) -> Callable:
+    """The pmap-ed eval step: state unreplicated in, per-example outputs sharded out."""
+    p_eval_step = jax.pmap(
+        functools.partial(eval_step, normalize=normalize),
+        axis_name=AXIS,
+        in_axes=(None, 0),
+        devices=devices,
+    )
+    return with_compiler_options(p_eval_step, config, devices)
+
+
+def with_compiler_options(pmapped: Callable, config: ml_collections.ConfigDict, devices=None):
+    """``pmapped`` compiled with ``compiler_options`` where there are any; as it is otherwise.
+
+    Single-process only, where arguments can be moved to the executable's shardings (several
+    processes keep pmap's own placement)."""
+    options = compiler_options(config, devices) if jax.process_count() == 1 else {}
+    return CompiledWithOptions(pmapped, options) if options else pmapped
+
+
+def compiler_options(config: ml_collections.ConfigDict, devices: list | None = None) -> dict:
+    """XLA options for the steps on ``devices`` (default: the local ones): on CPU, no YNNPACK
+    convolutions unless ``config.xla_cpu_ynn_fusions``; none elsewhere."""
+    platform = (devices or jax.local_devices())[0].platform
+    if platform == "cpu" and not config.get("xla_cpu_ynn_fusions", False):
+        return dict(CPU_COMPILER_OPTIONS)
+    return {}
+
+
+class CompiledWithOptions:
+    """A pmap-ed function compiled ahead of time with XLA ``compiler_options`` (``jax.pmap``
+    takes none), once per input signature: tree structure, shapes and dtypes."""
+
+    def __init__(self, fn: Callable, compiler_options: dict[str, Any]):
+        self.fn = fn
+        self.compiler_options = dict(compiler_options)
+        self._compiled: dict[Any, Callable] = {}
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        key = (tree, tuple((np.shape(x), getattr(x, "dtype", None) or np.result_type(x))
+                           for x in leaves))  # fmt: skip
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            lowered = self.fn.lower(*args)
+            try:
+                compiled = lowered.compile(compiler_options=self.compiler_options)
+            except Exception as error:  # noqa: BLE001 - an XLA without these options
+                logging.warning(
+                    "Compiling without %s, which this XLA rejects: %s", self.compiler_options, error
+                )
+                compiled = lowered.compile()
+            self._compiled[key] = compiled
+        # pmap moves its arguments where they belong; a compiled executable wants them there.
+        args = jax.device_put(args, compiled.input_shardings[0])
+        return compiled(*args)
