@@ -34,9 +34,8 @@ def decode_central_square(contents: tf.Tensor, channels: int) -> tf.Tensor:
     """Decodes an encoded image (JPEG, PNG, GIF, BMP) and keeps its central square, uint8
     (side, side, channels).
 
-    The whole image is decoded, then sliced. TensorFlow's fused ``decode_and_crop_jpeg``
-    decodes fewer pixels but measured ~20 % slower than this on 500x375 photos
-    (``benchmarks/input_pipeline.py``).
+    The whole image is decoded, then sliced: TensorFlow's fused ``decode_and_crop_jpeg``
+    decodes fewer pixels but measured slower on photographs (``benchmarks/README.md``).
     """
     image = tf.io.decode_image(contents, channels=channels, expand_animations=False)
     shape = tf.shape(image)
