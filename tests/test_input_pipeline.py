@@ -14,9 +14,9 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from PIL import Image  # noqa: E402
 
 from alexnet_jax import data  # noqa: E402
-from alexnet_jax.data import image_folder, preprocess  # noqa: E402
+from alexnet_jax.data import image_folder, preprocess, tf_pipeline  # noqa: E402
 from alexnet_jax.data.dataset import steps_per_epoch  # noqa: E402
-from alexnet_jax.errors import ConfigError  # noqa: E402
+from alexnet_jax.errors import ConfigError, DataError  # noqa: E402
 from configs import default, fashion_mnist, imagenet  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -299,3 +299,60 @@ def test_synthetic_source_trains_without_importing_tensorflow(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "top1" in result.stdout
+
+
+# --- the pipeline's parts, alone -------------------------------------------------------------
+
+
+def numbered(start, stop):
+    """A batch whose examples are their positions: image and label both hold them."""
+    positions = np.arange(start, stop)
+    return {"image": positions[:, None], "label": positions, "index": positions}
+
+
+def test_full_batches_pass_full_ones_and_top_up_the_short_end_from_the_filler():
+    # 10 examples in batches of 4, two failed to decode: 4, 4, then a partial batch of 0.
+    stream = iter([numbered(0, 4), numbered(4, 8)])
+    filler_calls = []
+
+    def filler():
+        filler_calls.append(1)
+        return iter({k: v[0] for k, v in numbered(i, i + 1).items()} for i in range(10))
+
+    out = list(tf_pipeline.full_batches(stream, filler, 4, needed=3, what="epoch 0"))
+    assert [b["label"].tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
+    assert filler_calls == [1]
+
+    partial = iter([numbered(0, 4), numbered(4, 6)])  # the last batch came out short
+    out = list(tf_pipeline.full_batches(partial, filler, 4, needed=2, what="epoch 0"))
+    assert [b["label"].tolist() for b in out] == [[0, 1, 2, 3], [4, 5, 0, 1]]
+
+    full = iter([numbered(0, 4), numbered(4, 8)])
+    out = list(tf_pipeline.full_batches(full, lambda: pytest.fail("no filler"), 4, 2, "e"))
+    assert len(out) == 2  # nothing failed: the filler is never built
+
+    with pytest.raises(DataError, match="epoch 3 cannot fill its batches"):
+        list(tf_pipeline.full_batches(iter([]), lambda: iter([]), 4, 1, "epoch 3"))
+
+
+def test_gaps_name_the_missing_positions_and_stop_at_the_filler():
+    gaps = tf_pipeline.Gaps(start=8, end=16)  # a resumed stream: positions 8.. of 16
+    gaps.update(np.array([8, 9, 11]))
+    gaps.update(np.array([12, 15]))
+    assert gaps.missing == [10, 13, 14]
+    gaps.update(np.array([0, 1]))  # back to the start: the filler, already counted
+    assert gaps.missing == [10, 13, 14]
+    tail = tf_pipeline.Gaps(start=0, end=6)
+    tail.update(np.array([0, 1, 2]))
+    tail.close()  # read to its end: 3, 4, 5 never came
+    assert tail.missing == [3, 4, 5]
+
+
+def test_pad_batch_masks_the_padding():
+    batch = {"image": np.ones((3, 2, 2, 1), np.uint8), "label": np.array([4, 5, 6], np.int32)}
+    padded = tf_pipeline.pad_batch(batch, 5, (2, 2, 1))
+    assert padded["mask"].tolist() == [1, 1, 1, 0, 0]
+    assert padded["label"].tolist() == [4, 5, 6, 0, 0]
+    assert padded["image"][3:].sum() == 0 and padded["image"].shape == (5, 2, 2, 1)
+    empty = tf_pipeline.pad_batch(None, 2, (2, 2, 1))
+    assert empty["mask"].tolist() == [0, 0] and empty["image"].shape == (2, 2, 2, 1)

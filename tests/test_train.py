@@ -142,6 +142,13 @@ def test_unwritable_workdir_is_rejected_before_compute(tmp_path):
         train.train_and_evaluate(small_config(), str(blocker / "run"))
 
 
+def error_text(output: str) -> str:
+    """What a failed process printed that explains it: a fatal error's report (where the
+    interpreter crashed), else the end of its output."""
+    fatal = output.find("Fatal Python error")
+    return output[fatal : fatal + 4000] if fatal >= 0 else output[-3000:]
+
+
 def run_main(workdir, *flags, env=None, wait=True):
     command = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}", *flags]
     full_env = dict(os.environ, **(env or {}))
@@ -193,7 +200,7 @@ def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path):
     assert steps and steps[-1] < 8, steps
 
     result = run_main(workdir, *SMALL_FLAGS)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, error_text(result.stderr)
     assert f"Resuming from the checkpoint at step {steps[-1]}" in result.stderr
     final = [r for r in read_metrics(str(workdir)) if r["split"] == "eval"][-1]
     assert final["step"] == 8
@@ -236,7 +243,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output[-3000:]
+    assert process.returncode == 0, error_text(output)
     assert "Stopped by SIGTERM after step" in output
     stopped_at = int(output.split("Stopped by SIGTERM after step ")[1].split(";")[0])
     assert os.path.isdir(workdir / "checkpoints" / str(stopped_at))
@@ -283,7 +290,7 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
     """2 processes x 2 CPU devices on 127.0.0.1 end where 1 process x 4 devices ends."""
     flags = (*SMALL_FLAGS, "--config.distributed=yes")
     single = run_main(tmp_path / "single", *SMALL_FLAGS)
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, error_text(single.stderr)
 
     port = free_port()
     workdir = tmp_path / "multi"
@@ -303,7 +310,7 @@ def test_two_processes_train_like_one_with_all_devices(tmp_path):
     ]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     for p, out in zip(processes, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+        assert p.returncode == 0, error_text(out)
     assert "2 processes, 4 devices (2 local" in outputs[0]
     multi = read_metrics(str(workdir))  # written by process 0 alone: one record per event
     single_records = read_metrics(str(tmp_path / "single"))

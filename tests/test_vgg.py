@@ -13,6 +13,7 @@ from alexnet_jax import run_files
 from alexnet_jax.metrics import read_metrics
 from alexnet_jax.model import count_params
 from alexnet_jax.vgg import VGG, VGG11, VGG11_ARCH, VGG11Narrow
+from tests.test_train import error_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,8 +61,7 @@ def test_vgg11_trains_from_main_py(tmp_path):
                "--config.eval_batch_size=120", "--config.num_epochs=2",
                "--config.progress_bar=False"]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    fatal = result.stderr.find("Fatal Python error")
-    assert result.returncode == 0, result.stderr[fatal : fatal + 4000] if fatal >= 0 else result.stderr[-3000:]
+    assert result.returncode == 0, error_text(result.stderr)
     evals = [r for r in read_metrics(str(tmp_path)) if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [44, 88]  # 1,438 training digits, batch 32
     assert evals[-1]["top1"] > 0.3, evals
