@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 from alexnet_jax import data, model, optim
+from alexnet_jax.data.dataset import AUGMENT_ON
 from alexnet_jax.distributed import MODES as DISTRIBUTED
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.normalization import NORMALIZATIONS
@@ -48,7 +49,14 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
         0.0 <= c.model.dropout_rate < 1.0,
         f"config.model.dropout_rate={c.model.dropout_rate}: must be in [0, 1)",
     )
-    _require(c.num_classes >= 1, f"config.num_classes={c.num_classes}: must be at least 1")
+    _require(
+        c.num_classes >= 0,
+        f"config.num_classes={c.num_classes}: must be positive, or 0 for the data's own count",
+    )
+    _require(
+        c.num_classes > 0 or c.dataset not in ("synthetic", "digits"),
+        f"config.num_classes=0: the {c.dataset} source needs an explicit class count",
+    )
     _require(c.channels in (1, 3), f"config.channels={c.channels}: 1 or 3")
     _require(
         c.model.width_divisor >= 1 and all(w % c.model.width_divisor == 0 for _, w in VGG11_ARCH),
@@ -125,16 +133,26 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
         f"config.input.pca_lighting_std={c.input.pca_lighting_std}: must be >= 0",
     )
     _require(
-        c.input.resize_size >= c.image_size,
+        c.input.resize_size == 0 or c.input.resize_size >= c.image_size,
         f"config.input.resize_size={c.input.resize_size} is smaller than "
-        f"config.image_size={c.image_size}",
+        f"config.image_size={c.image_size} (0 follows image_size at the paper's ratio)",
+    )
+    _require(
+        c.input.augment_on in AUGMENT_ON,
+        f"config.input.augment_on={c.input.augment_on!r}: choose one of {AUGMENT_ON}",
     )
     if c.dataset == "image_folder":
         _require(
             bool(c.data_dir),
             "config.data_dir is empty: image_folder needs the folder holding train/ and val/",
         )
-    if c.dataset in ("image_folder", "imagenet2012") and c.data_dir:
+    if c.dataset == "prepared":
+        _require(
+            bool(c.data_dir),
+            "config.data_dir is empty: prepared needs the folder python -m "
+            "alexnet_jax.data.prepare wrote",
+        )
+    if c.dataset in ("image_folder", "imagenet2012", "prepared") and c.data_dir:
         _require(os.path.isdir(c.data_dir), f"config.data_dir={c.data_dir!r} is not a directory")
     if c.init_from:
         _require(

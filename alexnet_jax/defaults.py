@@ -21,16 +21,20 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Data (alexnet_jax/data/).
     config.dataset = "digits"  # digits | synthetic | image_folder | a TFDS name
-    config.data_dir = ""  # TFDS data_dir, or the image folder's root
+    config.data_dir = ""  # TFDS data_dir, the image folder's root, or the prepared records
+    config.download = True  # TFDS data sets TFDS can download are downloaded on first use
     config.image_size = 67  # what the model sees; 67 is the paper network's smallest input
     config.channels = 1  # of the source images; grayscale_to_rgb makes the model see 3
     config.grayscale_to_rgb = False
-    config.num_classes = 10
+    config.num_classes = 10  # 0: as many as the data has (image folders, TFDS, prepared)
     config.synthetic_steps_per_epoch = 100  # 'epoch' length for the synthetic source
     config.input = ml_collections.ConfigDict(
         dict(
-            resize_size=256,  # the central square is resized to this before cropping
+            # the central square is resized to this before cropping; 0: image_size at the
+            # paper's ratio 256/227 (227 -> 256), so a crop always sees most of the image
+            resize_size=0,
             random_crop=True,
+            augment_on="device",  # prepared records: crop/flip/light on the device | host
             random_flip=True,
             pca_lighting_std=0.0,  # the paper's fancy-PCA lighting: 0.1; 0 disables it
             # mean_std | mean (per channel) | mean_image (the paper's) | unit (x / 255) | none

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from PIL import Image, UnidentifiedImageError
 
 from alexnet_jax import data, normalization, steps
+from alexnet_jax.data.dataset import resize_size
 from alexnet_jax.data.digits import digits_like
 from alexnet_jax.errors import DataError
 from alexnet_jax.metrics import MetricsWriter
@@ -96,11 +97,17 @@ def evaluate_batches(
     p_eval_step: Callable, state: steps.TrainState, batches: Iterator, num_classes: int
 ) -> Tally:
     """One pass of ``p_eval_step`` (``steps.make_eval_step``) over ``batches``, counted over
-    every process."""
+    every process. A pass that counts no example at all is a ``DataError``."""
     tally = Tally(num_classes)
     for batch in batches:
         tally.add(p_eval_step(state, batch))
-    return tally.all_processes()
+    tally = tally.all_processes()
+    if tally.count == 0:  # a top-1 of 0.0 would drive the schedule and the best checkpoint
+        raise DataError(
+            "The evaluation counted nothing: no example of the evaluation could be read (its "
+            "images all failed to decode, or the split is empty; see the warnings above)"
+        )
+    return tally
 
 
 # --- a checkpoint's evaluation -----------------------------------------------------------------
@@ -125,7 +132,11 @@ def evaluate_checkpoint(
             mean_image = None
             if run.input.normalization == "mean_image":
                 mean_image = normalization.load_or_compute_mean_image(
-                    run, workdir, dataset.train_batches, dataset.image_shape
+                    run,
+                    workdir,
+                    dataset.train_batches,
+                    dataset.image_shape,
+                    dataset.device_augment,
                 )
             normalize = normalization.make_normalizer(run.input, mean_image)
             p_eval_step = steps.make_eval_step(run, normalize)
@@ -214,7 +225,7 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
     image = image.crop((left, top, left + side, top + side))
     if config.dataset == "digits":
         return digits_like(image, config)
-    size, resize = config.image_size, config.input.resize_size
+    size, resize = config.image_size, resize_size(config)
     pixels = np.asarray(image.resize((resize, resize), Image.BILINEAR))
     offset = (resize - size) // 2
     pixels = pixels[offset : offset + size, offset : offset + size]

@@ -73,19 +73,27 @@ def make_normalizer(
 
 
 def compute_mean_image(
-    batches: Iterator[dict], num_batches: int, image_shape: tuple[int, ...]
+    batches: Iterator[dict],
+    num_batches: int,
+    image_shape: tuple[int, ...],
+    augment: Callable | None = None,
 ) -> np.ndarray:
     """The mean image (H, W, C), float32, of the first ``num_batches`` of ``batches``, over
     every process, in the units of the batches' pixels.
 
     The paper subtracts "the mean activity over the training set from each pixel"; this
     averages the training batches as the network sees them (random crops and flips
-    included: the mean of what it is subtracted from).
+    included: the mean of what it is subtracted from). ``augment`` (a data set's
+    ``device_augment``) is applied first where the batches hold uncropped images.
     """
     total = np.zeros(image_shape, np.float64)
     count = 0
-    for _ in range(num_batches):
-        images = np.asarray(next(batches)["image"]).reshape((-1,) + tuple(image_shape))
+    augment = jax.jit(augment) if augment is not None else None
+    for step in range(num_batches):
+        images = np.asarray(next(batches)["image"])
+        if augment is not None:
+            images = augment(images.reshape((-1,) + images.shape[2:]), step, 0)
+        images = np.asarray(images).reshape((-1,) + tuple(image_shape))
         total += images.sum(axis=0, dtype=np.float64)
         count += len(images)
     if jax.process_count() > 1:
@@ -120,16 +128,19 @@ def load_or_compute_mean_image(
     workdir: str,
     train_batches: Callable[[int], Iterator[dict]],
     image_shape: tuple[int, ...],
+    augment: Callable | None = None,
 ) -> np.ndarray:
     """``config.input.mean_image_path``, else ``WORKDIR/mean_image.npy``, else computed from
-    ``train_batches(0)`` and saved in the workdir, so a resumed run, ``--mode=eval`` and
-    ``--mode=predict`` subtract the same one."""
+    ``train_batches(0)`` (``augment``-ed, see ``compute_mean_image``) and saved in the
+    workdir, so a resumed run, ``--mode=eval`` and ``--mode=predict`` subtract the same one."""
     path = mean_image_path(config, workdir)
     if os.path.exists(path):
         return load_mean_image(path, image_shape)
     if config.input.mean_image_path:
         raise MissingDataError(f"config.input.mean_image_path={path!r} does not exist")
-    mean = compute_mean_image(train_batches(0), config.input.mean_image_batches, image_shape)
+    mean = compute_mean_image(
+        train_batches(0), config.input.mean_image_batches, image_shape, augment
+    )
     if jax.process_index() == 0:
         np.save(path, mean)
     return mean

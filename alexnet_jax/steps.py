@@ -101,11 +101,19 @@ def train_step(
     *,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
     normalize: Normalizer,
+    augment: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on this device's part of the batch; run inside ``jax.pmap``."""
+    """One SGD step on this device's part of the batch; run inside ``jax.pmap``.
+
+    ``augment`` (``Dataset.device_augment``), if given, crops, flips and lights the batch's
+    uint8 images first, each example by its position in the global batch.
+    """
     step = state.step
     dropout_rng = dropout_key(state.rng, step)
-    images = normalize(batch["image"])
+    images = batch["image"]
+    if augment is not None:
+        images = augment(images, step, lax.axis_index(AXIS) * images.shape[0])
+    images = normalize(images)
 
     def loss_fn(params):
         logits = state.apply_fn(
@@ -174,18 +182,22 @@ def make_train_step(
     config: ml_collections.ConfigDict,
     learning_rate_fn: Callable,
     normalize: Normalizer,
+    augment: Callable | None = None,
     devices: list | None = None,
 ) -> Callable:
     """The pmap-ed train step: state unreplicated in, replicated out, donated.
 
     ``devices`` defaults to every local device; ``normalize`` comes from
-    ``alexnet_jax.normalization.make_normalizer``. The state is donated in single-process
+    ``alexnet_jax.normalization.make_normalizer``, ``augment`` from the data set
+    (``Dataset.device_augment``). The state is donated in single-process
     runs only: on jax 0.10, donating an ``in_axes=None`` argument to a multi-process pmap
     deletes it before use ("Array has been deleted"), so several processes keep the extra copy.
     """
     donate = (0,) if jax.process_count() == 1 else ()
     p_train_step = jax.pmap(
-        functools.partial(train_step, learning_rate_fn=learning_rate_fn, normalize=normalize),
+        functools.partial(
+            train_step, learning_rate_fn=learning_rate_fn, normalize=normalize, augment=augment
+        ),
         axis_name=AXIS,
         in_axes=(None, 0),
         out_axes=(None, None),

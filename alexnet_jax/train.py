@@ -38,6 +38,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- the data, the schedule and the run files -----------------------------------------------
     validate_config(config, workdir)
     dataset = data.create_dataset(config)  # checks config.num_classes too
+    if not config.num_classes:  # 0: the data's own count, saved as such in config.json
+        config = config.copy_and_resolve_references()
+        config.num_classes = dataset.num_classes
     steps_per_epoch = count_steps_per_epoch(dataset.train_size, config)
     total_steps = max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
     if config.num_train_steps > 0:
@@ -75,10 +78,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mean_image = None
     if config.input.normalization == "mean_image":
         mean_image = normalization.load_or_compute_mean_image(
-            config, workdir, dataset.train_batches, dataset.image_shape
+            config, workdir, dataset.train_batches, dataset.image_shape, dataset.device_augment
         )
     normalize = normalization.make_normalizer(config.input, mean_image)
-    p_train_step = steps.make_train_step(config, learning_rate_fn, normalize)
+    p_train_step = steps.make_train_step(
+        config, learning_rate_fn, normalize, dataset.device_augment
+    )
     p_eval_step = steps.make_eval_step(config, normalize)
 
     # --- the loop -------------------------------------------------------------------------------

@@ -4,6 +4,9 @@
 - ``synthetic`` (``synthetic.py``): random batches made on the devices, for benchmarks.
 - TFDS names and ``image_folder`` (``tf_sources.py``): through the tf.data pipeline
   (``tf_pipeline.py``, augmentation in ``preprocess.py``). Only these import TensorFlow.
+- ``prepared`` (``prepared.py``): records written by ``python -m alexnet_jax.data.prepare``
+  (``prepare.py``, ``records.py``), read at random with a true per-epoch shuffle, augmented
+  on the device (``augment.py``). No TensorFlow.
 
 ``dataset.py`` defines the ``Dataset`` every source returns; ``image_folder.py`` lists and
 checks image folders without TensorFlow.
@@ -21,19 +24,24 @@ from alexnet_jax.errors import ConfigError
 NUMPY_SOURCES = ("digits", "synthetic")
 # Kept here, not in tf_sources, so that naming them imports no TensorFlow.
 TFDS_SOURCES = ("imagenet2012", "fashion_mnist", "mnist", "cifar10", "imagenette")
-SOURCES = NUMPY_SOURCES + TFDS_SOURCES + ("image_folder",)
+SOURCES = NUMPY_SOURCES + TFDS_SOURCES + ("image_folder", "prepared")
 
 
 def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
     """The data source named by ``config.dataset``.
 
     Raises ``ConfigError`` when ``config.num_classes`` differs from the source's class count
-    (for training, evaluation and prediction alike).
+    (for training, evaluation and prediction alike); 0 takes the source's.
     """
     if config.dataset == "digits":
         dataset = digits_dataset(config)
     elif config.dataset == "synthetic":
         dataset = synthetic_dataset(config)
+    elif config.dataset == "prepared":
+        # Its readers (array_record, libjpeg-turbo) are needed on this path alone.
+        from alexnet_jax.data.prepared import prepared_dataset
+
+        dataset = prepared_dataset(config)
     elif config.dataset in TFDS_SOURCES or config.dataset == "image_folder":
         # TensorFlow (an optional heavy dependency) is imported only for these sources.
         from alexnet_jax.data import tf_sources
@@ -44,7 +52,7 @@ def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
             dataset = tf_sources.tfds_dataset(config)
     else:
         raise ConfigError(f"config.dataset={config.dataset!r}: choose one of {SOURCES}")
-    if dataset.num_classes != config.num_classes:
+    if config.num_classes and dataset.num_classes != config.num_classes:
         raise ConfigError(
             f"config.num_classes={config.num_classes} but {dataset.name!r} has "
             f"{dataset.num_classes} classes ({', '.join(dataset.class_names[:5])}...): set "

@@ -36,6 +36,9 @@ class Dataset:
     train_batches: Callable[[int], Iterator[Batch]]  # start_step -> batches from that step
     eval_batches: Callable[[], Iterator[Batch]]  # one pass, padded, with "mask"
     has_crops: bool = False  # images larger than image_size: center and 10-crop evaluation
+    # Training batches hold larger uint8 images that this (jax) function crops, flips and
+    # lights inside the train step: (images, step, first_index) -> images. None: as they are.
+    device_augment: Callable | None = None
 
 
 def shard(batch: Batch, num_devices: int) -> Batch:
@@ -62,6 +65,16 @@ def steps_per_epoch(train_size: int, config: ml_collections.ConfigDict) -> int:
             f"training examples of {config.dataset!r}"
         )
     return steps
+
+
+AUGMENT_ON = ("device", "host")  # config.input.augment_on, for prepared records
+PAPER_RESIZE_RATIO = 256 / 227  # the paper's 256x256 images and the 227 crops taken from them
+
+
+def resize_size(config: ml_collections.ConfigDict) -> int:
+    """The side the central square is resized to before cropping: ``config.input.resize_size``,
+    or, when it is 0, ``image_size`` at the paper's ratio (227 -> 256, 67 -> 76)."""
+    return config.input.resize_size or round(config.image_size * PAPER_RESIZE_RATIO)
 
 
 def epoch_permutation(seed: int, epoch: int, size: int) -> np.ndarray:

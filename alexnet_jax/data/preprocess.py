@@ -15,13 +15,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-# ImageNet RGB statistics for fancy-PCA lighting, for RGB scaled to [0, 1].
-PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-PCA_EIGVEC = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
+from alexnet_jax.data.augment import PCA_EIGVAL, PCA_EIGVEC
 
 
 def central_square_window(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
