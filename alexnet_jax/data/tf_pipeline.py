@@ -1,12 +1,14 @@
 """The tf.data pipeline that turns undecoded examples into device-shaped batches.
 
 A source (``alexnet_jax.data.tf_sources``) hands over each split's raw examples,
-``{"image": encoded bytes or a file path, "label", "name"}``, as this process reads them;
-``TFPipeline`` decodes, augments (``alexnet_jax.data.preprocess``) and batches them:
+``{"image": encoded bytes or a file path, "label", "name"}``, as this process reads them,
+each training epoch in its own order (an image folder: a permutation of all its files;
+TFDS: shuffled files and a shuffle buffer); ``TFPipeline`` decodes, augments
+(``alexnet_jax.data.preprocess``) and batches them:
 
-- training: every epoch is its own tf.data pipeline, shuffled with a seed made of
+- training: every epoch is its own tf.data pipeline, ordered by a seed made of
   (config.seed, epoch) and augmented with per-example stateless seeds, so a run resumed at
-  step ``s`` skips to the same batch, and the batches do not depend on tf.data's
+  step ``s`` starts at the same batch, and the batches do not depend on tf.data's
   parallelism. Images that fail to decode are dropped, named at the epoch's end, and the
   epoch is filled up from its own beginning: every epoch has ``steps_per_epoch`` batches on
   every process (collectives need it).
@@ -30,7 +32,14 @@ import tensorflow as tf
 from absl import logging
 
 import alexnet_jax.data.preprocess as preprocess
-from alexnet_jax.data.dataset import Batch, Dataset, local_batch_size, shard, steps_per_epoch
+from alexnet_jax.data.dataset import (
+    Batch,
+    Dataset,
+    local_batch_size,
+    resize_size,
+    shard,
+    steps_per_epoch,
+)
 from alexnet_jax.errors import DataError
 
 tf.config.set_visible_devices([], "GPU")
@@ -38,11 +47,17 @@ tf.config.set_visible_devices([], "GPU")
 
 @dataclasses.dataclass
 class RawSplit:
-    """One split's undecoded examples, as this process reads them."""
+    """One split's undecoded examples, as this process reads them.
 
-    examples: Callable[[], tf.data.Dataset]  # {"image": bytes or path, "label", "name"}
+    ``examples(epoch, start)`` gives this process's examples ``{"image": bytes or a path,
+    "label", "name"}`` of training epoch ``epoch`` in that epoch's order, from position
+    ``start`` on (``seed`` seeds the order); ``examples(None, 0)`` the split in its fixed
+    order, for evaluation. ``local_size`` is how many an epoch (or the split) has.
+    """
+
+    examples: Callable[[int | None, int, int], tf.data.Dataset]  # (epoch, start, seed)
     size: int  # examples in the split, all processes together
-    local_size: int  # examples this process reads
+    local_size: int  # examples in this process's epoch (or split)
     listed_bad: int = 0  # files dropped before (named when the folder was listed)
     read_files: bool = False  # "image" holds a path, read just before decoding
 
@@ -75,7 +90,7 @@ class TFPipeline:
         self.train_fn = functools.partial(
             preprocess.preprocess_for_train,
             image_size=config.image_size,
-            resize_size=inputs.resize_size,
+            resize_size=resize_size(config),
             channels=config.channels,
             crop=inputs.random_crop,
             flip=inputs.random_flip,
@@ -84,7 +99,7 @@ class TFPipeline:
         self.eval_fn = functools.partial(
             preprocess.preprocess_for_eval,
             image_size=config.image_size,
-            resize_size=inputs.resize_size,
+            resize_size=resize_size(config),
             channels=config.channels,
             crops=inputs.eval_crops,
         )
@@ -113,32 +128,34 @@ class TFPipeline:
 
     # --- training ------------------------------------------------------------------------------
 
-    def shuffled(self, epoch: int) -> tuple[tf.data.Dataset, int]:
-        """The epoch's raw training examples in their shuffled order, and the epoch's seed."""
-        seed = self.config.seed * 1_000_003 + epoch
-        buffer = min(self.config.input.shuffle_buffer, self.train.size)
-        ds = self.train.examples().shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
-        return ds, seed
+    def epoch_seed(self, epoch: int) -> int:
+        """Seeds the epoch's order and its examples' augmentation."""
+        return self.config.seed * 1_000_003 + epoch
+
+    def raw_epoch(self, epoch: int, start: int = 0) -> tf.data.Dataset:
+        """The epoch's raw training examples in their order, from position ``start``."""
+        return self.train.examples(epoch, start, self.epoch_seed(epoch))
 
     def decoded(self, epoch: int, start: int) -> tf.data.Dataset:
         """Examples ``start``... of the epoch, augmented, with their positions in ``index``.
 
-        Skipped examples are never decoded; one that fails to decode is dropped here and
-        named by the epoch's report (its index is missing from the batches). The skip counts
-        raw examples, so a resume is exact unless an image before the resume point failed
-        to decode (that shifts the batch boundaries after it).
+        Examples before ``start`` are never decoded; one that fails to decode is dropped here
+        and named by the epoch's report (its index is missing from the batches). Positions
+        count raw examples, so a resume is exact unless an image before the resume point
+        failed to decode (that shifts the batch boundaries after it).
         """
-        ds, seed = self.shuffled(epoch)
+        seed = self.epoch_seed(epoch)
 
         def augment(i, example):
+            i = i + start
             image = self.train_fn(
                 self._encoded(self.train, example), tf.stack([tf.cast(seed, tf.int64), i])
             )
             label = tf.cast(example["label"], tf.int32)
             return {"image": self._to_rgb(image), "label": label, "index": i}
 
-        ds = ds.enumerate().skip(start).map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds.ignore_errors()
+        ds = self.raw_epoch(epoch, start).enumerate()
+        return ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
 
     def epoch_batches(self, epoch: int, skip: int) -> Iterator[dict[str, np.ndarray]]:
         """Epoch ``epoch``'s batches from its batch ``skip`` on, always full (see
@@ -161,7 +178,7 @@ class TFPipeline:
             for batch in self.epoch_batches(epoch, skip):
                 gaps.update(batch.pop("index"))
                 yield shard(batch, self.devices)
-            failed = names_at(self.shuffled(epoch)[0], gaps.missing) if gaps.missing else []
+            failed = names_at(self.raw_epoch(epoch), gaps.missing) if gaps.missing else []
             report_skipped(f"{self.name} train, epoch {epoch}", self.train.listed_bad, failed)
             epoch, skip = epoch + 1, 0
 
@@ -180,7 +197,8 @@ class TFPipeline:
             image = self._to_rgb(self.eval_fn(self._encoded(split, example)))
             return {"image": image, "label": tf.cast(example["label"], tf.int32), "index": i}
 
-        ds = split.examples().enumerate().map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = split.examples(None, 0, 0).enumerate()
+        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.ignore_errors().batch(self.local_eval_batch).with_options(self.options)
         iterator = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
         steps = math.ceil(math.ceil(split.size / jax.process_count()) / self.local_eval_batch)
@@ -193,7 +211,7 @@ class TFPipeline:
             yield shard(padded, self.devices)
         if next(iterator, None) is None:  # the split was read to its end
             gaps.close()
-        failed = names_at(split.examples(), gaps.missing) if gaps.missing else []
+        failed = names_at(split.examples(None, 0, 0), gaps.missing) if gaps.missing else []
         report_skipped(f"{self.name} eval", split.listed_bad, failed)
 
 

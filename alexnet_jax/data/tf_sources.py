@@ -1,9 +1,19 @@
 """TensorFlow-backed sources: TFDS data sets and image folders, as ``TFPipeline`` inputs.
 
-Each source lists a split's undecoded examples for this process (``RawSplit``): TFDS
-records with their image bytes left encoded, or an image folder's file paths (read where
-they are decoded, so naming a failed file reads no images). Importing this module imports
-TensorFlow.
+Each source lists a split's undecoded examples for this process (``RawSplit``):
+
+- an image folder's file paths (read where they are decoded, so naming a failed file reads
+  no images). Every training epoch is a permutation of all the files drawn from (seed,
+  epoch), cut into global batches, each process taking its part of every batch: every
+  process sees every class in proportion, however large the folder. A resume starts at its
+  position without touching the files before it.
+- TFDS records, their image bytes left encoded. Every epoch reads the files in a new
+  order and mixes them in a ``config.input.shuffle_buffer``; TFDS wrote the records
+  shuffled. A resume mid-epoch reads (without decoding) the epoch's records before the
+  resume point: prepare the data (``alexnet_jax.data.prepare``) to resume in O(1).
+
+Data sets TFDS can download are downloaded and prepared on first use (``config.download``);
+imagenet2012 needs its manual download. Importing this module imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -13,46 +23,74 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
+from jax.experimental import multihost_utils
 
-from alexnet_jax.data.dataset import Dataset, process_part
+from alexnet_jax.data.dataset import Dataset, epoch_permutation, process_part
 from alexnet_jax.data.image_folder import FolderSplit, read_image_folder
 from alexnet_jax.data.tf_pipeline import RawSplit, TFPipeline
-from alexnet_jax.errors import MissingDataError
+from alexnet_jax.errors import DataError, MissingDataError
 
 EVAL_SPLITS = {"imagenet2012": "validation", "imagenette": "validation"}  # others: "test"
+MANUAL_DOWNLOAD = ("imagenet2012",)
+
+
+# --- image folders -----------------------------------------------------------------------------
+
+
+def epoch_files(size: int, batch: int, seed: int, epoch: int) -> np.ndarray:
+    """This process's positions (into the split's file list) for training epoch ``epoch``: a
+    permutation of all ``size`` files, cut into global batches of ``batch`` (the remainder is
+    left out this epoch), this process's part of each batch, batch after batch."""
+    steps = size // batch
+    order = epoch_permutation(seed, epoch, size)[: steps * batch].reshape(steps, batch)
+    parts = np.array_split(order, jax.process_count(), axis=1)[jax.process_index()]
+    return parts.reshape(-1)
 
 
 def image_folder_dataset(config: ml_collections.ConfigDict) -> Dataset:
     """``config.data_dir/{train,val}/<class>/<image>`` (classes in sorted order)."""
     classes, splits = read_image_folder(config.data_dir)
 
-    def raw(split: FolderSplit) -> RawSplit:
-        local = process_part(np.arange(len(split.files)))
-        files, labels = np.asarray(split.files)[local], split.labels[local]
+    def file_examples(split: FolderSplit, positions: np.ndarray) -> tf.data.Dataset:
+        files, labels = np.asarray(split.files)[positions], split.labels[positions]
+        ds = tf.data.Dataset.from_tensor_slices((files, labels))
+        return ds.map(lambda f, y: {"image": f, "label": y, "name": f})
 
-        def examples() -> tf.data.Dataset:
-            ds = tf.data.Dataset.from_tensor_slices((files, labels))
-            return ds.map(lambda f, y: {"image": f, "label": y, "name": f})
+    train, evaluation = splits["train"], splits["val"]
+    size = len(train.files)
 
-        return RawSplit(examples, len(split.files), len(local), len(split.dropped), True)
+    def train_examples(epoch, start, seed):
+        return file_examples(
+            train, epoch_files(size, config.batch_size, config.seed, epoch)[start:]
+        )
 
-    pipeline = TFPipeline(config, "image_folder", classes, raw(splits["train"]), raw(splits["val"]))
+    def eval_examples(epoch, start, seed):
+        return file_examples(evaluation, process_part(np.arange(len(evaluation.files)))[start:])
+
+    steps = size // config.batch_size
+    local_epoch = steps * (config.batch_size // jax.process_count())
+    local_eval = len(process_part(np.arange(len(evaluation.files))))
+    pipeline = TFPipeline(
+        config,
+        "image_folder",
+        classes,
+        RawSplit(train_examples, size, local_epoch, len(train.dropped), read_files=True),
+        RawSplit(eval_examples, len(evaluation.files), local_eval, len(evaluation.dropped), True),
+    )
     return pipeline.dataset()
 
 
+# --- TFDS --------------------------------------------------------------------------------------
+
+
 def tfds_dataset(config: ml_collections.ConfigDict) -> Dataset:
-    """The TFDS data set ``config.dataset`` from ``config.data_dir``, already prepared."""
-    data_dir = config.data_dir or None
-    builder = tfds.builder(config.dataset, data_dir=data_dir)
+    """The TFDS data set ``config.dataset`` from ``config.data_dir``, prepared now if TFDS
+    can download it and ``config.download`` allows."""
+    builder = ensure_prepared(
+        tfds.builder(config.dataset, data_dir=config.data_dir or None), config
+    )
     eval_split = EVAL_SPLITS.get(config.dataset, "test")
-    try:
-        builder.as_dataset(split="train[:1]")  # fails fast when the data is not prepared
-    except Exception as error:  # noqa: BLE001 - TFDS raises several types for missing data
-        raise MissingDataError(
-            f"TFDS data set {config.dataset!r} is not prepared in data_dir "
-            f"{data_dir or tfds.core.constants.DATA_DIR!r}. Prepare it first (imagenet2012 "
-            "needs the manual download TFDS documents); this run downloads nothing."
-        ) from error
     label = builder.info.features["label"]
     classes = list(label.names) if hasattr(label, "names") else []
     # ImageNet's records keep the original file name; other data sets name the record.
@@ -62,21 +100,75 @@ def tfds_dataset(config: ml_collections.ConfigDict) -> Dataset:
         local_split = split
         if jax.process_count() > 1:
             local_split = tfds.even_splits(split, n=jax.process_count())[jax.process_index()]
+        size = split_size(builder, split)
+        local_size = split_size(builder, local_split) if local_split != split else size
 
-        def examples() -> tf.data.Dataset:
+        def examples(epoch, start, seed):
+            training = epoch is not None
             ds = builder.as_dataset(
                 split=local_split,
                 decoders={"image": tfds.decode.SkipDecoding()},
-                shuffle_files=False,
-                read_config=tfds.ReadConfig(add_tfds_id=True),
+                shuffle_files=training,
+                read_config=tfds.ReadConfig(add_tfds_id=True, shuffle_seed=seed),
             )
+            if training:
+                buffer = min(config.input.shuffle_buffer, local_size)
+                ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
+            ds = ds.skip(start)  # reads the records before ``start``; decodes none of them
             return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"], "name": ex[key]})
 
-        size = split_size(builder, split)
-        local_size = split_size(builder, local_split) if local_split != split else size
         return RawSplit(examples, size, local_size)
 
     return TFPipeline(config, config.dataset, classes, raw("train"), raw(eval_split)).dataset()
+
+
+def ensure_prepared(builder, config: ml_collections.ConfigDict):
+    """The builder, its data downloaded and prepared with TFDS's own ``download_and_prepare``
+    (and its progress bar) if it was not there yet; a clear one-line error where that cannot
+    be done."""
+    data_dir = config.data_dir or tfds.core.constants.DATA_DIR
+    if is_prepared(builder):
+        return builder
+    if config.dataset in MANUAL_DOWNLOAD:
+        raise MissingDataError(
+            f"TFDS data set {config.dataset!r} is not prepared in data_dir {data_dir!r}. It "
+            "needs a manual download: place ILSVRC2012_img_train.tar and "
+            "ILSVRC2012_img_val.tar in <data_dir>/downloads/manual and run "
+            f"tfds.builder({config.dataset!r}, data_dir=...).download_and_prepare()"
+        )
+    if not config.download:
+        raise MissingDataError(
+            f"TFDS data set {config.dataset!r} is not prepared in data_dir {data_dir!r} and "
+            "config.download=False: prepare it there, or let the run download it"
+        )
+    logging.info("Downloading and preparing %r into %s (first use)", config.dataset, data_dir)
+    if jax.process_index() == 0:
+        try:
+            builder.download_and_prepare()
+        except Exception as error:  # noqa: BLE001 - network errors come in many types
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise DataError(
+                f"Could not download {config.dataset!r} into data_dir {data_dir!r} "
+                f"({type(error).__name__}: {reason[:200]}). Without network access, prepare it "
+                "by hand on a connected machine and copy it to that data_dir"
+            ) from error
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tfds download")  # the others wait for process 0
+    builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)  # re-read info
+    if not is_prepared(builder):
+        raise MissingDataError(
+            f"TFDS data set {config.dataset!r} is still not readable in {data_dir!r} after "
+            "download_and_prepare (a data_dir that the processes do not share?)"
+        )
+    return builder
+
+
+def is_prepared(builder) -> bool:
+    try:
+        builder.as_dataset(split="train[:1]")
+    except Exception:  # noqa: BLE001 - TFDS raises several types for missing data
+        return False
+    return True
 
 
 def split_size(builder, split: str) -> int:
