@@ -1,8 +1,15 @@
-"""Orbax checkpoints under ``WORKDIR/checkpoints``, and a clean stop on SIGTERM.
+"""Orbax checkpoints under ``WORKDIR/checkpoints``, and a clean stop on preemption.
 
 Kept: the latest ``config.max_to_keep`` checkpoints, and the ``config.keep_best`` best by
 evaluation top-1. Saving is asynchronous; a checkpoint is complete only once Orbax has
-renamed it into place, so a run killed while writing leaves the previous one intact.
+renamed it into place, so a run killed while writing leaves the previous one intact. A
+checkpoint that was completed but cannot be read back (a damaged disk, a torn copy) is set
+aside (``checkpoints/<step>.damaged``) and the run resumes from the newest one that reads.
+
+With several processes, the state's arrays (replicated over each process's devices by the
+pmap-ed step) are saved as global arrays, without a copy to the host: each process writes
+its part, and restoring gives global replicated arrays, which the pmap-ed step takes as
+they are.
 """
 
 from __future__ import annotations
@@ -14,9 +21,15 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
+
+from alexnet_jax.errors import CheckpointError
+
+DAMAGED_SUFFIX = ".damaged"
 
 
 def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -50,43 +63,136 @@ def save(
     manager.save(step, args=ocp.args.StandardSave(_savable(state)), metrics=metrics, force=True)
 
 
+def _global_mesh() -> jax.sharding.Mesh:
+    return jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+
+
 def _savable(state: Any) -> Any:
-    """With several processes, pmap's replicated outputs are host-local arrays, which Orbax
-    cannot serialize; they are identical everywhere, so their host copy is saved instead."""
-    return jax.device_get(state) if jax.process_count() > 1 else state
+    """The state as Orbax can write it. One process: as it is. Several: each array as a
+    global array replicated over every device, made from this process's device buffers
+    (Orbax cannot write pmap's host-local arrays, and copying them to the host would block
+    the asynchronous save on ~500 MB at ImageNet size)."""
+    if jax.process_count() == 1:
+        return state
+    local = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(jax.local_devices()), ("local",)),
+        jax.sharding.PartitionSpec(),
+    )
+
+    def to_global(x):
+        if not isinstance(x, jax.Array) or not x.is_fully_addressable:
+            return x  # a host value, or already global (restored and not stepped since)
+        if not (x.sharding.is_fully_replicated and len(x.sharding.device_set) > 1):
+            x = jax.device_put(x, local)  # e.g. a freshly created state on one device
+        return ocp.utils.fully_replicated_host_local_array_to_global_array(x)
+
+    return jax.tree_util.tree_map(to_global, state)
 
 
-def restore_latest(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int | None]:
-    """Returns (the latest checkpoint's state, its step), or (state, None) if there is none.
-
-    ``state`` gives the structure, shapes and dtypes to restore into.
-    """
-    step = manager.latest_step()
-    if step is None:
-        return state, None
-    return restore(manager, state, step), step
+def _abstract(state: Any) -> Any:
+    """What to restore into: ``state``'s shapes and dtypes, replicated over every device
+    when there are several processes."""
+    if jax.process_count() == 1:
+        return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    replicated = jax.sharding.NamedSharding(_global_mesh(), jax.sharding.PartitionSpec())
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=replicated), state
+    )
 
 
 def restore(manager: ocp.CheckpointManager, state: Any, step: int) -> Any:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _savable(state))
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    """The checkpoint at ``step``, shaped like ``state``; ``CheckpointError`` naming the step
+    and folder if it cannot be read."""
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(_abstract(state)))
+    except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise many types
+        raise CheckpointError(
+            f"The checkpoint at step {step} in {manager.directory} cannot be read "
+            f"({type(error).__name__}: {str(error).strip()[:300]})"
+        ) from error
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int | None]:
+    """Returns (the newest readable checkpoint's state, its step), or (state, None) if there
+    is none. ``state`` gives the structure, shapes and dtypes to restore into.
+
+    A checkpoint that cannot be read is named in a warning and moved aside to
+    ``<step>.damaged`` (kept for inspection, out of Orbax's way), and the one before it is
+    tried; if none reads, ``CheckpointError``.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    damaged = []
+    for step in steps:
+        try:
+            restored = restore(manager, state, step)
+        except CheckpointError as error:
+            logging.warning("%s; trying the checkpoint before it", error)
+            damaged.append(step)
+            continue
+        _set_aside(manager, damaged)
+        return restored, step
+    if damaged:
+        raise CheckpointError(
+            f"None of the checkpoints in {manager.directory} can be read (steps {damaged}); "
+            "move the folder away to start afresh"
+        )
+    return state, None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Renames damaged checkpoints to ``<step>.damaged`` so that training writes those steps
+    again; Orbax lists numbered folders only."""
+    if not steps:
+        return
+    if jax.process_index() == 0:
+        for step in steps:
+            path = os.path.join(str(manager.directory), str(step))
+            aside = path + DAMAGED_SUFFIX
+            if os.path.exists(aside):
+                aside += f".{os.getpid()}"
+            os.replace(path, aside)
+            logging.warning("Moved the unreadable checkpoint %s aside to %s", path, aside)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("checkpoints set aside")
+    manager.reload()
 
 
 class StopRequest:
-    """Turns SIGTERM (a preemption) into a flag the training loop polls between steps."""
+    """A preemption (SIGTERM) as a decision every process takes at the same step.
+
+    One process: a SIGTERM handler sets a flag the loop reads between steps. Several: JAX's
+    preemption sync point (``jax.distributed``'s coordination service catches SIGTERM in
+    any process and every process learns, at the same step, that it is time to stop), so
+    that all of them save the same checkpoint and return; without it one process would save
+    or return while another waits in the next step's collective.
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        self._synced = jax.process_count() > 1
+        if self._synced:
+            try:
+                multihost_utils.reached_preemption_sync_point(-1)
+            except RuntimeError as error:  # no coordination service (not jax.distributed)
+                logging.warning(
+                    "Preemption across processes is not coordinated (%s): each process "
+                    "stops on its own SIGTERM",
+                    error,
+                )
+                self._synced = False
+        if not self._synced and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         logging.warning("SIGTERM received: saving a checkpoint and stopping.")
         self._event.set()
 
-    @property
-    def requested(self) -> bool:
+    def should_stop(self, step: int) -> bool:
+        """Whether to stop after ``step``; with several processes, call it at every step
+        (the same steps in every process): they all answer True at the same one."""
+        if self._synced:
+            return multihost_utils.reached_preemption_sync_point(step)
         return self._event.is_set()
 
     def close(self) -> None:

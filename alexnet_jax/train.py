@@ -22,6 +22,7 @@ from tqdm import tqdm
 from alexnet_jax import checkpointing, data, normalization, optim, steps
 from alexnet_jax.config_checks import validate_config
 from alexnet_jax.data.dataset import steps_per_epoch as count_steps_per_epoch
+from alexnet_jax.errors import UserError
 from alexnet_jax.evaluate import evaluate_batches
 from alexnet_jax.metrics import MetricsWriter
 from alexnet_jax.model import head_layer
@@ -29,7 +30,7 @@ from alexnet_jax.run_files import params_from_workdir, transfer_params, write_ru
 from alexnet_jax.steps import TrainState
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss or gradients became NaN or infinite; the message names the step."""
 
 
@@ -38,9 +39,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- the data, the schedule and the run files -----------------------------------------------
     validate_config(config, workdir)
     dataset = data.create_dataset(config)  # checks config.num_classes too
-    if not config.num_classes:  # 0: the data's own count, saved as such in config.json
-        config = config.copy_and_resolve_references()
-        config.num_classes = dataset.num_classes
+    config = resolved(config, dataset)
     steps_per_epoch = count_steps_per_epoch(dataset.train_size, config)
     total_steps = max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
     if config.num_train_steps > 0:
@@ -141,13 +140,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _check_finite(state, last_checkpoint)
                 checkpointing.save(manager, done, state)
                 last_checkpoint = done
-            # A preemption: save where we are and stop cleanly.
-            if stop.requested:
+            # A preemption: every process saves this step and stops cleanly.
+            if stop.should_stop(done):
                 _check_finite(state, last_checkpoint)
                 checkpointing.save(manager, done, state)
                 manager.wait_until_finished()
                 logging.warning(
-                    "Stopped by SIGTERM after step %d; checkpoint saved in %s",
+                    "Stopped by SIGTERM after step %d; checkpoint saved in %s (rerun the same "
+                    "command to resume)",
                     done,
                     manager.directory,
                 )
@@ -159,6 +159,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if progress is not None:
             progress.close()
     return last_eval
+
+
+def resolved(config: ml_collections.ConfigDict, dataset: data.Dataset) -> ml_collections.ConfigDict:
+    """The config with the values it left to the data (``num_classes=0``,
+    ``input.resize_size=0``) set to what the data decided, as ``config.json`` saves them for
+    evaluation, prediction and fine-tuning."""
+    if config.num_classes and (config.input.resize_size or not dataset.resize_size):
+        return config
+    config = config.copy_and_resolve_references()
+    config.num_classes = config.num_classes or dataset.num_classes
+    config.input.resize_size = config.input.resize_size or dataset.resize_size
+    return config
 
 
 def init_from(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
