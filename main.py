@@ -7,24 +7,43 @@ same command resumes from the workdir's latest checkpoint.
     python main.py --mode=eval --workdir W [--checkpoint=best|latest|STEP]
     python main.py --mode=predict --workdir W --images a.jpg b.png
 
-evaluate and predict with a run's checkpoint, reading ``W/config.json`` unless ``--config``
-is given (alexnet_jax/evaluate.py).
+evaluate and predict with a run's checkpoint (alexnet_jax/evaluate.py): the run's
+``W/config.json``, with any ``--config.field=value`` applied on top (or the ``--config``
+file given instead). A problem the user can fix (a config field, missing data, a
+checkpoint that does not fit, an unreadable image) prints one line, ``error: ...``, and
+exits with status 2 (usage and config) or 1.
 """
 
 import logging as std_logging
 import os
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from alexnet_jax import distributed, evaluate, train
-from alexnet_jax.run_files import load_run_config
+from alexnet_jax.errors import one_line_errors
+from alexnet_jax.run_files import eval_config
 
 WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints and metrics go (default runs/<config name>)."
 )
-config_flags.DEFINE_config_file("config", "configs/default.py", "A config file.", lock_config=True)
+USAGE_EXIT = 2
+
+
+def usage_error(message: str) -> None:
+    print(f"error: {message}\nPass --helpfull to see the flags.", file=sys.stderr)
+    sys.exit(USAGE_EXIT)
+
+
+try:  # ml_collections applies --config.* overrides to the default file here, at definition
+    config_flags.DEFINE_config_file(
+        "config", "configs/default.py", "A config file.", lock_config=True
+    )
+except (AttributeError, KeyError) as error:
+    fields = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
+    usage_error(f"no such config field {str(error).strip(chr(34))} (among {fields})")
 MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
 CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "best", "eval/predict: best (by eval top-1), latest, or a step number."
@@ -36,14 +55,17 @@ def main(argv):
     images = list(IMAGES.value)
     if len(argv) > 1:
         if MODE.value != "predict":
-            raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+            raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=USAGE_EXIT)
         images += argv[1:]  # --images a.jpg b.png: the files after the first
-    config = flags.FLAGS.config
+    try:
+        config = flags.FLAGS.config
+        config.get("distributed")  # a file that failed to load raises here, not when parsed
+    except OSError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        usage_error(f"cannot load the --config file: {lines[-1]}")
     distributed.initialize(config.distributed)  # before anything touches the devices
-    config_name = config_flags.get_config_filename(flags.FLAGS["config"])
-    workdir = WORKDIR.value or os.path.join(
-        "runs", os.path.splitext(os.path.basename(config_name))[0]
-    )
+    config_name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
+    workdir = WORKDIR.value or os.path.join("runs", os.path.splitext(config_name)[0])
     logging.info(
         "JAX %s, process %d of %d, workdir %s",
         jax.__version__,
@@ -54,8 +76,9 @@ def main(argv):
     if MODE.value == "train":
         train.train_and_evaluate(config, workdir)
         return
-    if not flags.FLAGS["config"].present:
-        config = load_run_config(workdir)
+    if not flags.FLAGS["config"].present:  # the run's own config, with the overrides given
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        config = eval_config(workdir, overrides)
     if MODE.value == "eval":
         for record in evaluate.evaluate_checkpoint(config, workdir, CHECKPOINT.value):
             print(
@@ -70,6 +93,23 @@ def main(argv):
             print(f"  {probability:7.2%}  {name}")
 
 
+def run(argv):
+    """``main``, with the errors a user can fix printed as one line instead of a traceback."""
+    one_line_errors(lambda: main(argv))
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a bad flag or config override as one line and status 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        message = str(error)
+        if "Traceback" in message:  # a config file that raised: its own last line says why
+            lines = [line.strip() for line in message.splitlines() if line.strip()]
+            message = f"{lines[0]} {lines[-1]}"
+        usage_error(message)
+
+
 class _QuietLibraries(std_logging.Filter):
     """Keeps Orbax's and TensorFlow's per-save INFO chatter out of the run's log."""
 
@@ -81,4 +121,4 @@ class _QuietLibraries(std_logging.Filter):
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    app.run(main)
+    app.run(run, flags_parser=parse_flags)

@@ -28,9 +28,16 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from alexnet_jax import checkpointing
 from alexnet_jax.defaults import default_config
+from alexnet_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    MissingCheckpointError,
+    one_line_errors,
+)
 from alexnet_jax.run_files import template_state, write_run_files
 
 CONVS = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6",
@@ -51,12 +58,31 @@ POOLED = (256, 6, 6)  # what torchvision's avgpool hands to fc6: (channels, heig
 
 
 def _array(value: Any, key: str) -> np.ndarray:
+    """A tensor or array of any float type (bfloat16 and float16 included) as float32."""
     if hasattr(value, "detach"):  # a torch.Tensor
         value = value.detach().cpu().float().numpy()
     array = np.asarray(value, dtype=np.float32)
     if not np.all(np.isfinite(array)):
-        raise ValueError(f"torchvision state_dict entry {key!r} holds NaN or inf values")
+        raise CheckpointError(f"torchvision state_dict entry {key!r} holds NaN or inf values")
     return array
+
+
+FIRST_KEY = "features.0.weight"  # in every torchvision AlexNet state_dict
+
+
+def find_state_dict(loaded: Any, path: tuple = ()) -> tuple[tuple, Mapping] | None:
+    """(the keys leading to it, the mapping) of the first mapping inside ``loaded`` that holds
+    torchvision's AlexNet weights: training scripts save ``{"model": state_dict, "epoch":
+    ...}``, ``{"state_dict": ...}`` and the like."""
+    if not isinstance(loaded, Mapping):
+        return None
+    if any(str(k).removeprefix("module.") == FIRST_KEY for k in loaded):
+        return path, loaded
+    for key, value in loaded.items():
+        found = find_state_dict(value, path + (key,))
+        if found is not None:
+            return found
+    return None
 
 
 def torchvision_to_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,12 +93,19 @@ def torchvision_to_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     ``DataParallel``, is dropped). The number of classes is fc8's. A missing entry or a
     tensor of the wrong shape raises ``ValueError`` naming it, its shape and the expected one.
     """
+    found = find_state_dict(state_dict)
+    if found is not None and found[0]:
+        where = "".join(f"[{key!r}]" for key in found[0])
+        raise CheckpointError(
+            f"The weights are not at the top of this checkpoint but under {where}: pass "
+            f"checkpoint{where} (load_pth and python -m alexnet_jax.convert find them)"
+        )
     entries = {key.removeprefix("module."): value for key, value in state_dict.items()}
     expected = {f"{name}.{kind}" for name in (*CONVS.values(), *DENSES.values())
                 for kind in ("weight", "bias")}  # fmt: skip
     missing = sorted(expected - set(entries))
     if missing:
-        raise ValueError(
+        raise CheckpointError(
             f"The state_dict is not torchvision's AlexNet: missing {missing}"
             f" (it has {sorted(entries)[:12]}{'...' if len(entries) > 12 else ''})"
         )
@@ -83,10 +116,10 @@ def torchvision_to_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             e is not None and e != g for e, g in zip(shape, got, strict=True)
         ):
             want = "(classes, 4096)" if shape[0] is None else str(shape)
-            raise ValueError(f"state_dict[{key!r}] has shape {got}, expected {want}")
+            raise CheckpointError(f"state_dict[{key!r}] has shape {got}, expected {want}")
         bias = key.replace("weight", "bias")
         if arrays[bias].shape != (got[0],):
-            raise ValueError(f"state_dict[{bias!r}] has shape {arrays[bias].shape}, "
+            raise CheckpointError(f"state_dict[{bias!r}] has shape {arrays[bias].shape}, "
                              f"expected ({got[0]},)")  # fmt: skip
 
     params: dict[str, Any] = {}
@@ -105,7 +138,8 @@ def torchvision_to_flax(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_pth(path: str) -> dict[str, Any]:
-    """A ``.pth`` file's state_dict (tensors only: ``weights_only=True``), as numpy arrays."""
+    """A ``.pth`` file's state_dict (tensors only: ``weights_only=True``), as float32 numpy
+    arrays, found where training scripts put it (``{"model": ...}``, ``{"state_dict": ...}``)."""
     try:
         import torch
     except ImportError as error:
@@ -113,16 +147,27 @@ def load_pth(path: str) -> dict[str, Any]:
             "Reading a .pth file needs PyTorch: pip install torch (the CPU build is enough)"
         ) from error
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No such .pth file: {path!r}")
+        raise MissingCheckpointError(f"No such .pth file: {path!r}")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises several types for bad files
-        raise ValueError(f"{path!r} is not a readable PyTorch state_dict: {error}") from error
-    if isinstance(loaded, Mapping) and "state_dict" in loaded:
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path!r} holds a {type(loaded).__name__}, not a state_dict")
-    return {key: value.numpy() for key, value in loaded.items() if hasattr(value, "numpy")}
+        raise CheckpointError(f"{path!r} is not a readable PyTorch state_dict: {error}") from error
+    found = find_state_dict(loaded)
+    if found is None:
+        summary = (
+            {k: type(v).__name__ for k, v in list(loaded.items())[:12]}
+            if isinstance(loaded, Mapping)
+            else type(loaded).__name__
+        )
+        raise CheckpointError(
+            f"{path!r} holds no torchvision AlexNet state_dict (no {FIRST_KEY!r} in it, at "
+            f"any depth); it holds {summary}"
+        )
+    where, state_dict = found
+    if where:
+        logging.info("Reading the weights under %s of %s",
+                     "".join(f"[{k!r}]" for k in where), path)  # fmt: skip
+    return {key: _array(value, key) for key, value in state_dict.items() if hasattr(value, "shape")}
 
 
 def torchvision_config(num_classes: int):
@@ -155,7 +200,7 @@ def write_workdir(variables: dict[str, Any], workdir: str, class_names: list[str
     os.makedirs(workdir, exist_ok=True)
     manager = checkpointing.create_manager(workdir, config)
     if manager.latest_step() is not None:
-        raise FileExistsError(f"{workdir!r} already holds checkpoints; choose an empty workdir")
+        raise ConfigError(f"{workdir!r} already holds checkpoints; choose an empty workdir")
     state = template_state(config)
     state = state.replace(params=jax.tree_util.tree_map(np.asarray, variables["params"]))
     state = state.replace(opt_state=state.tx.init(state.params))
@@ -194,4 +239,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

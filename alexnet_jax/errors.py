@@ -7,6 +7,10 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 
 class UserError(Exception):
     """A problem with what the user gave (config, data, files), not with the program."""
@@ -34,3 +38,13 @@ class CheckpointError(UserError, ValueError):
 
 class MissingCheckpointError(CheckpointError, FileNotFoundError):
     """No checkpoint where one is needed (none at all, or not at the step asked for)."""
+
+
+def one_line_errors(main: Callable[[], Any]) -> Any:
+    """Runs a command's ``main``; a ``UserError`` prints as ``error: <message>`` and exits
+    with its ``exit_code``, instead of a traceback."""
+    try:
+        return main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

@@ -2,7 +2,8 @@
 
 Only process 0 writes. Each record is one JSON object per line with at least ``step``,
 ``epoch``, ``split`` ("train" or "eval"), ``loss``, ``top1``, ``top5`` (fractions), ``lr``
-and ``img_per_s``.
+and ``img_per_s``. Each line is written with one call and flushed; a run killed mid-write
+can leave a torn last line, which readers skip with a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from tensorboardX import SummaryWriter  # writes events without TensorFlow
 
 
@@ -29,7 +31,10 @@ class MetricsWriter:
             return
         record = {k: _plain(v) for k, v in record.items()}
         with open(self.path, "a") as f:
+            if f.tell() > 0 and not _ends_with_newline(self.path):
+                f.write("\n")  # after a torn last line: start a fresh one
             f.write(json.dumps(record) + "\n")
+            f.flush()
         for key, value in record.items():
             if key not in ("step", "split") and isinstance(value, float | int):
                 self._tensorboard.add_scalar(f"{record['split']}/{key}", value, record["step"])
@@ -41,17 +46,40 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of ``WORKDIR/metrics.jsonl``, in order; none if there is no such file."""
+    """The records of ``WORKDIR/metrics.jsonl``, in order; none if there is no such file.
+
+    A line that is not a JSON object (a write cut short by a crash) is skipped with a
+    warning naming the file and the line.
+    """
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict):
+                logging.warning("%s, line %d: not a whole record (a write cut short?); "
+                                "skipped", path, number)  # fmt: skip
+                continue
+            records.append(record)
+    return records
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray | jax.Array | np.generic):
         value = np.asarray(value).item()
     if isinstance(value, float):
-        return round(value, 7)
+        return float(f"{value:.7g}")  # 7 significant digits: a 1e-9 learning rate stays
     return value

@@ -16,6 +16,7 @@ Float batches (the digits source standardizes on the host) pass through every mo
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable, Iterator
 
@@ -26,6 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from alexnet_jax.errors import ConfigError, DataError, MissingDataError
+from alexnet_jax.files import atomic_write
 
 NORMALIZATIONS = ("mean_std", "mean", "mean_image", "unit", "none")
 MEAN_IMAGE_FILE = "mean_image.npy"
@@ -113,12 +115,25 @@ def load_mean_image(path: str, image_shape: tuple[int, ...]) -> np.ndarray:
     and both shapes."""
     if not os.path.isfile(path):
         raise MissingDataError(f"The run subtracts a mean image but {path!r} is missing")
-    mean = np.load(path)
+    try:
+        mean = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(
+            f"The mean image {path} is not a readable .npy file ({error}): delete it to "
+            "compute it again"
+        ) from error
+    if not np.issubdtype(mean.dtype, np.number):
+        raise DataError(f"The mean image {path} holds {mean.dtype} values, not numbers")
     if mean.shape != tuple(image_shape):
         raise DataError(
             f"The mean image {path} has shape {mean.shape}, but the model sees images of "
             f"shape {tuple(image_shape)} (config.image_size, channels); delete it "
             "to compute it again"
+        )
+    if not np.all(np.isfinite(mean)):
+        raise DataError(
+            f"The mean image {path} holds {int(np.sum(~np.isfinite(mean)))} NaN or infinite "
+            "values: fix it, or delete it to compute it again"
         )
     return mean.astype(np.float32)
 
@@ -142,5 +157,7 @@ def load_or_compute_mean_image(
         train_batches(0), config.input.mean_image_batches, image_shape, augment
     )
     if jax.process_index() == 0:
-        np.save(path, mean)
+        buffer = io.BytesIO()
+        np.save(buffer, mean)
+        atomic_write(path, buffer.getvalue())
     return mean

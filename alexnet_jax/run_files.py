@@ -21,8 +21,10 @@ from etils import epath
 from flax import traverse_util
 
 from alexnet_jax import checkpointing
+from alexnet_jax.config_checks import validate_config
 from alexnet_jax.defaults import config_from_dict, config_to_json
-from alexnet_jax.errors import CheckpointError, MissingCheckpointError
+from alexnet_jax.errors import CheckpointError, ConfigError, DataError, MissingCheckpointError
+from alexnet_jax.files import atomic_write
 from alexnet_jax.metrics import read_metrics
 from alexnet_jax.model import describe
 from alexnet_jax.steps import TrainState, create_model, create_train_state
@@ -32,11 +34,10 @@ CLASS_NAMES_FILE = "class_names.txt"
 
 
 def write_run_files(workdir: str, config: ml_collections.ConfigDict, class_names: list[str]):
-    """``config.json`` and ``class_names.txt``: what eval, predict and init_from read back."""
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config_to_json(config))
-    with open(os.path.join(workdir, CLASS_NAMES_FILE), "w") as f:
-        f.write("\n".join(class_names) + "\n")
+    """``config.json`` and ``class_names.txt``: what eval, predict and init_from read back.
+    Each is written whole or not at all (a crash leaves the previous version)."""
+    atomic_write(os.path.join(workdir, CONFIG_FILE), config_to_json(config))
+    atomic_write(os.path.join(workdir, CLASS_NAMES_FILE), "\n".join(class_names) + "\n")
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -47,15 +48,57 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
             f"{path!r} does not exist: {workdir!r} is not a training or converted run's workdir "
             "(pass --config to say how the checkpoint was trained)"
         )
-    with open(path) as f:
-        return config_from_dict(json.load(f), path)
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(
+            f"{path} is not readable JSON ({error}): the run's config is damaged; pass "
+            "--config with the config it was trained with"
+        ) from error
+    if not isinstance(saved, dict):
+        raise DataError(f"{path} holds a {type(saved).__name__}, not a config")
+    return config_from_dict(saved, path)
+
+
+# Fields that describe the trained network: a checkpoint fits one value of each.
+FIXED_AFTER_TRAINING = ("model", "num_classes", "channels", "grayscale_to_rgb")
+
+
+def eval_config(workdir: str, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """The config ``--mode=eval|predict`` uses: the run's ``config.json`` with the command
+    line's ``--config.field=value`` ``overrides`` (a flat dict) applied on top, validated as
+    training validates. Changing a field the checkpoint depends on (the network, the class
+    count, the channels) is a ``ConfigError`` naming it."""
+    config = load_run_config(workdir)
+    for field, value in sorted(overrides.items()):
+        fixed = field.split(".")[0] in FIXED_AFTER_TRAINING
+        try:
+            saved = _get(config, field)
+        except (KeyError, AttributeError):
+            saved = None
+        if fixed and value != saved:
+            raise ConfigError(
+                f"config.{field}={value!r}: the checkpoints in {workdir} were trained with "
+                f"{saved!r}, and it cannot change after training (drop the override, or pass "
+                "--config with the config of another run)"
+            )
+    config.update_from_flattened_dict(dict(overrides))
+    validate_config(config, workdir)
+    return config
+
+
+def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = config[part]
+    return config
 
 
 def class_names(workdir: str, num_classes: int) -> list[str]:
     """The run's ``class_names.txt``, or "0".."n-1" when it is missing or does not fit."""
     path = os.path.join(workdir, CLASS_NAMES_FILE)
     if os.path.isfile(path):
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             names = [line.strip() for line in f if line.strip()]
         if len(names) == num_classes:
             return names
