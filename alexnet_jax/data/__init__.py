@@ -15,9 +15,11 @@ checks image folders without TensorFlow.
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from alexnet_jax.data.dataset import Dataset
 from alexnet_jax.data.digits import digits_dataset
+from alexnet_jax.data.digits import load_image as digits_load_image
 from alexnet_jax.data.synthetic import synthetic_dataset
 from alexnet_jax.errors import ConfigError
 
@@ -25,6 +27,22 @@ NUMPY_SOURCES = ("digits", "synthetic")
 # Kept here, not in tf_sources, so that naming them imports no TensorFlow.
 TFDS_SOURCES = ("imagenet2012", "fashion_mnist", "mnist", "cifar10", "imagenette")
 SOURCES = NUMPY_SOURCES + TFDS_SOURCES + ("image_folder", "prepared")
+
+
+def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
+    """An image file as the evaluation pipeline of ``config.dataset`` gives the model its
+    images (its center crop, the same decoder and resampling), for ``--mode=predict``."""
+    if config.dataset == "digits":
+        return digits_load_image(path, config)
+    if config.dataset == "prepared":
+        from alexnet_jax.data.prepared import load_image as prepared_load_image
+
+        return prepared_load_image(path, config)
+    if config.dataset in TFDS_SOURCES or config.dataset == "image_folder":
+        from alexnet_jax.data import tf_pipeline
+
+        return tf_pipeline.load_image(path, config)
+    raise ConfigError(f"config.dataset={config.dataset!r} has no image files to predict like")
 
 
 def create_dataset(config: ml_collections.ConfigDict) -> Dataset:

@@ -39,6 +39,7 @@ class Dataset:
     # Training batches hold larger uint8 images that this (jax) function crops, flips and
     # lights inside the train step: (images, step, first_index) -> images. None: as they are.
     device_augment: Callable | None = None
+    resize_size: int = 0  # the side images are resized to before cropping (0: not resized)
 
 
 def shard(batch: Batch, num_devices: int) -> Batch:

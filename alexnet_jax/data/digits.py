@@ -22,6 +22,7 @@ from alexnet_jax.data.dataset import (
     shard,
     steps_per_epoch,
 )
+from alexnet_jax.data.images import central_square, decode
 
 EVAL_FRACTION = 0.2
 
@@ -59,11 +60,13 @@ def digits_statistics(images: np.ndarray) -> tuple[float, float]:
     return float(images[train_idx].mean()), float(images[train_idx].std())
 
 
-def digits_like(image, config: ml_collections.ConfigDict) -> np.ndarray:
-    """A grayscale PIL image made to look like the digits source's: reduced to 8x8 (the
-    digits' resolution), upscaled like them and standardized with their statistics.
-    Digits are light strokes on a dark ground."""
-    small = np.asarray(image.convert("L").resize((8, 8), Image.Resampling.BOX), np.float32)
+def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
+    """An image file made to look like the digits source's images: its central square in
+    grayscale, reduced to 8x8 (the digits' resolution), upscaled like them and standardized
+    with their statistics. Digits are light strokes on a dark ground."""
+    gray = central_square(decode(path, channels=1))[..., 0]
+    small = Image.fromarray(gray).resize((8, 8), Image.Resampling.BOX)
+    small = np.asarray(small, np.float32)
     small = small / 255.0
     mean, std = digits_statistics(load_digits(config.image_size)[0])
     pixels = ((_upscale(small, config.image_size) - mean) / std)[..., None]

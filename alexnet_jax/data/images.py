@@ -43,9 +43,12 @@ def decode(source: str | bytes, channels: int = 3, name: str | None = None) -> n
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise DataError(f"Image {name!r} is too large to decode safely: {error}") from error
+        raise DataError(
+            f"Image {name!r} is over the {MAX_PIXELS:,}-pixel limit: resize it or leave it out "
+            f"({error})"
+        ) from error
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
-        raise DataError(f"Cannot decode image {name!r}: {error}") from error
+        raise DataError(f"Cannot read image {name!r}: {error}") from error
 
 
 def to_uint8(image: Image.Image, channels: int) -> np.ndarray:

@@ -28,7 +28,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +36,7 @@ from absl import logging
 from tqdm import tqdm
 
 from alexnet_jax.data.image_folder import SPLITS as FOLDER_SPLITS
-from alexnet_jax.data.image_folder import list_image_folder
+from alexnet_jax.data.image_folder import display_name, list_image_folder
 from alexnet_jax.data.images import encode_jpeg, paper_square
 from alexnet_jax.data.records import (
     ENCODINGS,
@@ -48,7 +47,13 @@ from alexnet_jax.data.records import (
     shard_name,
     write_shard,
 )
-from alexnet_jax.errors import ConfigError, DataError, MissingDataError, UserError
+from alexnet_jax.errors import (
+    ConfigError,
+    DataError,
+    MissingDataError,
+    UserError,
+    one_line_errors,
+)
 from alexnet_jax.files import atomic_write
 
 PLAN_FILE = "plan.json"
@@ -187,7 +192,7 @@ def plan_image_folder(root: str, output: str, options: Options, shard_size: int)
                 f"{sorted(set(split_classes) ^ set(classes))}"
             )
         classes = split_classes
-        names = [os.path.relpath(f, root) for f in files]
+        names = [display_name(os.path.relpath(f, root)) for f in files]
         count = max(1, -(-len(files) // shard_size))
         for i in range(count):
             part = slice(i * shard_size, (i + 1) * shard_size)
@@ -409,13 +414,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.set_verbosity(logging.INFO)
     options = Options(args.size, args.channels, args.encoding, args.quality)
-    try:
-        metadata = prepare(
-            args.source, args.data_dir, args.output, options, args.workers, args.shard_size
-        )
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
+    metadata = prepare(
+        args.source, args.data_dir, args.output, options, args.workers, args.shard_size
+    )
     print(
         json.dumps(
             {
@@ -429,4 +430,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    one_line_errors(main)

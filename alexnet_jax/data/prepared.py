@@ -30,9 +30,11 @@ from alexnet_jax.data.dataset import (
     epoch_permutation,
     local_batch_size,
     process_part,
+    resize_size,
     shard,
     steps_per_epoch,
 )
+from alexnet_jax.data.images import paper_square
 from alexnet_jax.data.records import Metadata, SplitReader
 from alexnet_jax.errors import ConfigError
 
@@ -55,7 +57,17 @@ def prepared_dataset(config: ml_collections.ConfigDict) -> Dataset:
         eval_batches=loader.eval_batches,
         has_crops=True,
         device_augment=device_augment,
+        resize_size=metadata.size,
     )
+
+
+def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
+    """An image file as the prepared path evaluates it: prepared as ``prepare`` prepares
+    (the central square, resized to the records' size, ``config.input.resize_size``), then
+    the center ``image_size`` crop, uint8."""
+    square = paper_square(path, resize_size(config), config.channels)
+    offset = (square.shape[0] - config.image_size) // 2
+    return square[offset : offset + config.image_size, offset : offset + config.image_size]
 
 
 def check_config(config: ml_collections.ConfigDict, metadata: Metadata) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from alexnet_jax.data.augment import PCA_EIGVAL, PCA_EIGVEC
+from alexnet_jax.data.images import MAX_PIXELS
 
 
 def central_square_window(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
@@ -24,14 +25,47 @@ def central_square_window(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
     return tf.stack([(height - side) // 2, (width - side) // 2, side, side])
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def encoded_size(contents: tf.Tensor) -> tf.Tensor:
+    """[height, width] of an encoded JPEG or PNG read from its header, without decoding it;
+    [0, 0] for other formats."""
+
+    def png() -> tf.Tensor:  # IHDR: width, then height, 4 big-endian bytes each
+        header = tf.cast(tf.io.decode_raw(tf.strings.substr(contents, 16, 8), tf.uint8), tf.int64)
+        values = tf.reshape(header, [2, 4]) * tf.constant([2**24, 2**16, 2**8, 1], tf.int64)
+        width, height = tf.unstack(tf.reduce_sum(values, axis=1))
+        return tf.stack([height, width])
+
+    def jpeg() -> tf.Tensor:
+        return tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64)
+
+    is_png = tf.equal(tf.strings.substr(contents, 0, 8), PNG_SIGNATURE)
+    return tf.case(
+        [(is_png, png), (tf.io.is_jpeg(contents), jpeg)],
+        default=lambda: tf.zeros([2], tf.int64),
+    )
+
+
 def decode_central_square(contents: tf.Tensor, channels: int) -> tf.Tensor:
     """Decodes an encoded image (JPEG, PNG, GIF, BMP) and keeps its central square, uint8
     (side, side, channels).
 
+    An image of more than ``MAX_PIXELS`` pixels (by its header) is an error before it is
+    decoded: the pipeline drops it and names it, instead of decoding gigabytes.
+
     The whole image is decoded, then sliced: TensorFlow's fused ``decode_and_crop_jpeg``
     decodes fewer pixels but measured slower on photographs (``benchmarks/README.md``).
     """
-    image = tf.io.decode_image(contents, channels=channels, expand_animations=False)
+    height, width = tf.unstack(encoded_size(contents))
+    too_large = tf.debugging.assert_less_equal(
+        height * width,
+        tf.constant(MAX_PIXELS, tf.int64),
+        message=f"image larger than {MAX_PIXELS:,} pixels",
+    )
+    with tf.control_dependencies([too_large]):
+        image = tf.io.decode_image(contents, channels=channels, expand_animations=False)
     shape = tf.shape(image)
     y, x, side, _ = tf.unstack(central_square_window(shape[0], shape[1]))
     image = image[y : y + side, x : x + side]

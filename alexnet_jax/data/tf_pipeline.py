@@ -96,13 +96,7 @@ class TFPipeline:
             flip=inputs.random_flip,
             lighting_std=inputs.pca_lighting_std,
         )
-        self.eval_fn = functools.partial(
-            preprocess.preprocess_for_eval,
-            image_size=config.image_size,
-            resize_size=resize_size(config),
-            channels=config.channels,
-            crops=inputs.eval_crops,
-        )
+        self.eval_fn = eval_preprocess(config)
 
     def dataset(self) -> Dataset:
         size = self.config.image_size
@@ -116,6 +110,7 @@ class TFPipeline:
             train_batches=self.train_batches,
             eval_batches=self.eval_batches,
             has_crops=True,
+            resize_size=resize_size(self.config),
         )
 
     # --- decoding ------------------------------------------------------------------------------
@@ -124,7 +119,7 @@ class TFPipeline:
         return tf.io.read_file(example["image"]) if split.read_files else example["image"]
 
     def _to_rgb(self, image: tf.Tensor) -> tf.Tensor:
-        return tf.image.grayscale_to_rgb(image) if self.channels != self.config.channels else image
+        return to_rgb(image, self.config)
 
     # --- training ------------------------------------------------------------------------------
 
@@ -194,7 +189,7 @@ class TFPipeline:
         split = self.evaluation
 
         def prepare(i, example):
-            image = self._to_rgb(self.eval_fn(self._encoded(split, example)))
+            image = self.eval_fn(self._encoded(split, example))
             return {"image": image, "label": tf.cast(example["label"], tf.int32), "index": i}
 
         ds = split.examples(None, 0, 0).enumerate()
@@ -216,6 +211,35 @@ class TFPipeline:
 
 
 # --- the parts, each testable alone --------------------------------------------------------------
+
+
+def to_rgb(image: tf.Tensor, config: ml_collections.ConfigDict) -> tf.Tensor:
+    """Grayscale replicated to 3 channels where ``config.grayscale_to_rgb`` asks for it."""
+    return tf.image.grayscale_to_rgb(image) if config.grayscale_to_rgb else image
+
+
+def eval_preprocess(config: ml_collections.ConfigDict) -> Callable[[tf.Tensor], tf.Tensor]:
+    """Encoded image -> the model's uint8 evaluation input (center crop, or ten crops), as
+    ``config`` says; the pipeline's evaluation and ``--mode=predict`` both use it."""
+    inner = functools.partial(
+        preprocess.preprocess_for_eval,
+        image_size=config.image_size,
+        resize_size=resize_size(config),
+        channels=config.channels,
+        crops=config.input.eval_crops,
+    )
+    return lambda contents: to_rgb(inner(contents), config)
+
+
+def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
+    """An image file as the evaluation pipeline gives it (the center crop), the same
+    pixels; a file that cannot be read or decoded is a ``DataError`` naming it."""
+    one_crop = config.copy_and_resolve_references()
+    one_crop.input.eval_crops = 1
+    try:
+        return eval_preprocess(one_crop)(tf.io.read_file(path)).numpy()
+    except tf.errors.OpError as error:
+        raise DataError(f"Cannot read image {path!r}: {error.message}") from error
 
 
 def full_batches(

@@ -18,6 +18,8 @@ imagenet2012 needs its manual download. Importing this module imports TensorFlow
 
 from __future__ import annotations
 
+import os
+
 import jax
 import ml_collections
 import numpy as np
@@ -52,9 +54,14 @@ def image_folder_dataset(config: ml_collections.ConfigDict) -> Dataset:
     """``config.data_dir/{train,val}/<class>/<image>`` (classes in sorted order)."""
     classes, splits = read_image_folder(config.data_dir)
 
+    paths = {  # as bytes: file names need not be UTF-8
+        id(split): np.asarray([os.fsencode(f) for f in split.files], dtype=object)
+        for split in splits.values()
+    }
+
     def file_examples(split: FolderSplit, positions: np.ndarray) -> tf.data.Dataset:
-        files, labels = np.asarray(split.files)[positions], split.labels[positions]
-        ds = tf.data.Dataset.from_tensor_slices((files, labels))
+        files, labels = paths[id(split)][positions], split.labels[positions]
+        ds = tf.data.Dataset.from_tensor_slices((files.astype(bytes), labels))
         return ds.map(lambda f, y: {"image": f, "label": y, "name": f})
 
     train, evaluation = splits["train"], splits["val"]
