@@ -1,5 +1,6 @@
 """Test set-up, before JAX starts its backend: four CPU devices for the multi-device tests, and
-one persistent XLA compilation cache for the session.
+one persistent XLA compilation cache for the session. With ``CI=true`` a skipped test fails
+the session: in CI every independent reference (PyTorch, TensorFlow, TFDS) must run.
 
 The cache is an environment variable, so the ``main.py`` processes the tests start share it:
 the same small train and eval steps compile once instead of once per run (the suite's
@@ -22,6 +23,21 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
 
 
+_SKIPPED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _SKIPPED.append(f"{report.nodeid}: {report.longrepr[-1] if report.longrepr else ''}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+    # In CI every reference (TensorFlow, PyTorch, TFDS) is installed: a skipped test means a
+    # reference check did not run, and that fails the build instead of hiding in a count.
+    if os.environ.get("CI") == "true" and _SKIPPED and session.exitstatus == 0:
+        print("\nCI=true and these tests were skipped (a missing reference?):")
+        for line in _SKIPPED:
+            print(f"  {line}")
+        session.exitstatus = 1

@@ -15,6 +15,7 @@ LAZY_IMPORTS = (
     "tensorflow",  # the tf.data sources (never on the synthetic or prepared paths)
     "tensorflow_datasets",
     "alexnet_jax.data.tf_sources",  # imports TensorFlow
+    "alexnet_jax.data.tf_pipeline",  # imports TensorFlow
     "alexnet_jax.data.prepared",  # array_record and libjpeg-turbo, for prepared records only
     "torch",  # reading .pth files
     "matplotlib",  # figures

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexnet_jax import convert, evaluate, model, plots, run_files, steps, train
+from alexnet_jax import convert, data, evaluate, model, plots, run_files, steps, train
+from alexnet_jax.errors import ConfigError
 from alexnet_jax.metrics import read_metrics
 from tests.test_train import small_config
 
@@ -47,7 +48,7 @@ def test_eval_mode_reproduces_the_training_evaluation_and_writes_its_files(digit
     top1 = sum(int(r["count"]) * float(r["top1"]) for r in rows) / 359
     assert top1 == pytest.approx(record["top1"], abs=1e-5)
     with Image.open(os.path.join(digits_run, "confusion_matrix_center.png")) as png:
-        assert png.size[0] > 300
+        assert png.size == (600, 600)  # 6 x 6 inches at 100 dpi: class names on the axes
     logged = [r for r in read_metrics(digits_run) if r["split"] == "eval_checkpoint"]
     assert logged[-1]["top1"] == pytest.approx(record["top1"])
 
@@ -72,6 +73,44 @@ def test_checkpoint_choice_and_errors(digits_run, tmp_path):
         run_files.restore_state(other, digits_run, "latest")
     with pytest.raises(FileNotFoundError, match="config.json.* does not exist"):
         run_files.load_run_config(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def trained_digits(tmp_path_factory):
+    """Two epochs on the digits (about 0.9 held-out top-1): a checkpoint that knows digits.
+    Trained by main.py on one CPU device (2.5x faster here than on 4 forced devices)."""
+    workdir = str(tmp_path_factory.mktemp("trained_digits"))
+    command = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
+               "--config.batch_size=32", "--config.num_train_steps=90",
+               "--config.eval_every_epochs=100", "--config.checkpoint_every_steps=1000",
+               "--config.progress_bar=False"]  # fmt: skip
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.mark.slow
+def test_predict_recognizes_digits_saved_as_image_files(trained_digits, tmp_path):
+    """Held-out digits written as PNG files: predict reads them as the digits source does,
+    and the trained checkpoint names nearly all of them."""
+    from sklearn.datasets import load_digits
+
+    from alexnet_jax.data.digits import split_digits
+
+    digits = load_digits()
+    _, held_out = split_digits(len(digits.target))
+    chosen = [next(i for i in held_out if digits.target[i] == d) for d in range(10)]
+    paths = []
+    for i in chosen:
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(np.round(digits.images[i] * 255 / 16).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    config = run_files.load_run_config(trained_digits)
+    results = evaluate.predict_files(config, trained_digits, paths, "latest")
+    predicted = [int(r["top"][0][0]) for r in results]
+    assert sum(p == d for p, d in zip(predicted, range(10), strict=True)) >= 8, predicted
+    assert all(r["top"][0][1] > r["top"][1][1] for r in results)
 
 
 @pytest.mark.slow
@@ -184,7 +223,7 @@ def test_pth_becomes_a_workdir_that_predicts_like_pytorch(tmp_path):
     photo = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     Image.fromarray(photo).save(tmp_path / "photo.png")
     (result,) = evaluate.predict_files(config, str(workdir), [str(tmp_path / "photo.png")])
-    pixels = evaluate.load_image(str(tmp_path / "photo.png"), config)  # 224x224 uint8
+    pixels = data.load_image(str(tmp_path / "photo.png"), config)  # 224x224 uint8
     mean = np.asarray(config.input.mean_rgb, np.float32)
     std = np.asarray(config.input.std_rgb, np.float32)
     x = torch.from_numpy(((pixels - mean) / std).transpose(2, 0, 1)[None].astype(np.float32))
@@ -193,7 +232,7 @@ def test_pth_becomes_a_workdir_that_predicts_like_pytorch(tmp_path):
     top = np.argsort(-probs)[:5]
     assert [name for name, _ in result["top"]] == [names[c] for c in top]
     np.testing.assert_allclose([p for _, p in result["top"]], probs[top], rtol=1e-3)
-    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
         convert.main([str(pth), "--workdir", str(workdir)])
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="notes.pth.* is not a readable PyTorch state_dict"):
@@ -226,7 +265,7 @@ def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
         train.train_and_evaluate(wrong, str(tmp_path / "wrong"))
     tuned_dir = str(tmp_path / "tuned")
     result = train.train_and_evaluate(config, tuned_dir)  # runs end to end
-    assert 0.0 <= result["top1"] <= 1.0
+    assert result["step"] == 1
 
     # --mode=eval on an image folder: the center crop as in training, and the 10 crops.
     center, ten = evaluate.evaluate_checkpoint(config, tuned_dir, "latest")
@@ -254,9 +293,10 @@ def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
 @pytest.mark.slow
 def test_plots_write_the_curves_and_the_conv1_kernel_grid(digits_run):
     plots.main(["--workdir", digits_run])
-    for name in ("training_curves.png", "conv1_kernels.png"):
-        with Image.open(os.path.join(digits_run, name)) as png:
-            assert png.size[0] > 500
+    with Image.open(os.path.join(digits_run, "training_curves.png")) as png:
+        assert png.size == (1500, 400)  # three panels: loss, top-1, top-5
+    with Image.open(os.path.join(digits_run, "conv1_kernels.png")) as png:
+        assert png.size[0] == 1200 and np.asarray(png.convert("L")).std() > 10
     kernels = np.random.default_rng(0).normal(size=(11, 11, 3, 96))
     grid = plots.kernel_grid(kernels, columns=12, border=1)
     chex.assert_shape(grid, (8 * 12 + 1, 12 * 12 + 1, 3))

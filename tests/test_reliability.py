@@ -1,0 +1,525 @@
+"""Reliability: preemption across processes, damaged files, overrides, one-line errors, and
+the inputs users really have (16-bit PNGs, CMYK, huge images, trailing bytes, odd names)."""
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import numpy as np
+import pytest
+from PIL import Image
+
+from alexnet_jax import checkpointing, data, evaluate, metrics, normalization, run_files, train
+from alexnet_jax.data import image_folder, images
+from alexnet_jax.errors import CheckpointError, ConfigError, DataError
+from alexnet_jax.files import atomic_write
+from tests.test_train import ROOT, SMALL_FLAGS, error_text, free_port, new_state, small_config
+
+# --- preemption -------------------------------------------------------------------------------
+
+
+def start_process(workdir, log, *flags, env):
+    command = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}", *flags]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=dict(os.environ, **env), stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def two_processes(workdir, tmp_path, name, *flags):
+    port = free_port()
+    runs = []
+    for i in range(2):
+        log = open(tmp_path / f"{name}{i}.log", "w")  # noqa: SIM115 - closed by the caller
+        env = {
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(i),
+        }
+        runs.append(
+            (
+                start_process(workdir, log, *flags, "--config.distributed=yes", env=env),
+                log,
+                tmp_path / f"{name}{i}.log",
+            )
+        )
+    return runs
+
+
+def finish(runs, timeout=180):
+    outputs = []
+    for process, log, path in runs:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other, _, _ in runs:
+                other.kill()
+            pytest.fail(f"a process hung; its log ends: {path.read_text()[-2000:]}")
+        log.close()
+        outputs.append(path.read_text())
+    return outputs
+
+
+@pytest.mark.slow
+def test_a_preempted_two_process_run_stops_at_one_step_saves_once_and_resumes(tmp_path):
+    """SIGTERM to both processes a second apart (as a cluster does): both stop after the same
+    step, save that checkpoint once, exit 0; rerun, they resume from it."""
+    workdir = tmp_path / "run"
+    flags = (
+        *SMALL_FLAGS[:2],
+        "--config.num_train_steps=100000",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=1000",
+        "--config.progress_bar=False",
+    )
+    runs = two_processes(workdir, tmp_path, "first", *flags)
+    deadline = time.time() + 240
+    while not (workdir / "metrics.jsonl").exists():
+        assert all(p.poll() is None for p, _, _ in runs), error_text(runs[0][2].read_text())
+        assert time.time() < deadline, "the run never started stepping"
+        time.sleep(0.1)
+    runs[0][0].send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    runs[1][0].send_signal(signal.SIGTERM)
+    outputs = finish(runs)
+    for (process, _, _), output in zip(runs, outputs, strict=True):
+        assert process.returncode == 0, error_text(output)
+    stopped = [int(out.split("Stopped by SIGTERM after step ")[1].split(";")[0]) for out in outputs]
+    assert stopped[0] == stopped[1], stopped
+    saved = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert saved == [stopped[0]]  # saved once, at the agreed step
+
+    more = (
+        *SMALL_FLAGS[:2],
+        f"--config.num_train_steps={stopped[0] + 2}",
+        "--config.progress_bar=False",
+    )
+    outputs = finish(two_processes(workdir, tmp_path, "again", *more))
+    for output in outputs:
+        assert f"Resuming from the checkpoint at step {stopped[0]}" in output, error_text(output)
+    assert read_steps(workdir)[-1] == stopped[0] + 2
+
+
+def read_steps(workdir):
+    return [r["step"] for r in metrics.read_metrics(str(workdir)) if r["split"] == "eval"]
+
+
+@pytest.mark.slow
+def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    reference = train.train_and_evaluate(small_config(num_train_steps=8), str(tmp_path / "ref"))
+    workdir = tmp_path / "preempted"
+    log = open(tmp_path / "log", "w")  # noqa: SIM115
+    process = start_process(
+        workdir,
+        log,
+        *SMALL_FLAGS,
+        "--config.log_every_steps=1",
+        "--config.async_checkpointing=False",
+        env={},
+    )
+    deadline = time.time() + 240
+    while not (workdir / "metrics.jsonl").exists():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    (output,) = finish([(process, log, tmp_path / "log")])
+    assert process.returncode == 0, error_text(output)
+    stopped = int(output.split("Stopped by SIGTERM after step ")[1].split(";")[0])
+    if stopped < 8:  # (on a fast machine the run may have finished first)
+        result = subprocess.run(
+            [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}", *SMALL_FLAGS],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert f"Resuming from the checkpoint at step {stopped}" in result.stderr
+    final = [r for r in metrics.read_metrics(str(workdir)) if r["split"] == "eval"][-1]
+    assert final["step"] == 8
+    for key in ("loss", "top1", "top5"):
+        assert final[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-7), key
+
+
+# --- damaged files ----------------------------------------------------------------------------
+
+
+def test_run_files_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    atomic_write(str(path), '{"seed": 1}\n')
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write(str(path), '{"seed": 2, "and much more": ' + "0" * 1000 + "}")
+    monkeypatch.undo()
+    assert path.read_text() == '{"seed": 1}\n'  # the previous version, whole
+    assert os.listdir(tmp_path) == ["config.json"]  # no temporary left behind
+
+
+def test_torn_files_are_named_or_skipped(tmp_path, caplog):
+    (tmp_path / "config.json").write_text('{"seed": 0, "dataset": "dig')
+    with pytest.raises(DataError, match="config.json is not readable JSON"):
+        run_files.load_run_config(str(tmp_path))
+    good = json.dumps({"step": 2, "split": "eval", "top1": 0.5})
+    (tmp_path / "metrics.jsonl").write_text(good + "\n" + '{"step": 4, "spl')
+    with caplog.at_level(logging.WARNING):
+        records = metrics.read_metrics(str(tmp_path))
+    assert records == [json.loads(good)]
+    assert "metrics.jsonl, line 2: not a whole record" in caplog.text
+    writer = metrics.MetricsWriter(str(tmp_path), enabled=True)
+    writer.write({"step": 6, "split": "eval", "top1": 0.75})  # appends after the torn line
+    writer.close()
+    assert [r["step"] for r in metrics.read_metrics(str(tmp_path))] == [2, 6]
+
+    path = tmp_path / "mean_image.npy"
+    np.save(path, np.ones((4, 4, 3), np.float32))
+    path.write_bytes(path.read_bytes()[:90])
+    with pytest.raises(DataError, match="mean_image.npy is not a readable .npy"):
+        normalization.load_mean_image(str(path), (4, 4, 3))
+    nan = np.ones((4, 4, 3), np.float32)
+    nan[1, 2, 0] = np.nan
+    np.save(path, nan)
+    with pytest.raises(DataError, match="mean_image.npy holds 1 NaN or infinite values"):
+        normalization.load_mean_image(str(path), (4, 4, 3))
+
+
+def damage(checkpoint_dir):
+    """Truncates every data file of a committed checkpoint, as a failing disk would."""
+    for folder, _, files in os.walk(checkpoint_dir):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.getsize(path) > 64:
+                with open(path, "r+b") as f:
+                    f.truncate(16)
+
+
+@pytest.mark.slow
+def test_training_resumes_from_the_newest_readable_checkpoint(tmp_path, caplog):
+    workdir = str(tmp_path)
+    train.train_and_evaluate(small_config(num_train_steps=4), workdir)  # checkpoints 2 and 4
+    damage(tmp_path / "checkpoints" / "4")
+    with caplog.at_level(logging.WARNING):
+        result = train.train_and_evaluate(small_config(num_train_steps=6), workdir)
+    assert "The checkpoint at step 4" in caplog.text and "cannot be read" in caplog.text
+    assert "Resuming" not in caplog.text or "step 2" in caplog.text
+    assert result["step"] == 6
+    assert (tmp_path / "checkpoints" / "4.damaged").is_dir()  # kept aside, for inspection
+    manager = checkpointing.create_manager(workdir, small_config())
+    assert 4 in manager.all_steps()  # written again, whole
+    state = checkpointing.restore(manager, new_state(small_config()), 4)
+    assert int(state.step) == 4
+    manager.close()
+    for step in (2, 4, 6):
+        damage(tmp_path / "checkpoints" / str(step))
+    with pytest.raises(CheckpointError, match="None of the checkpoints .* can be read"):
+        train.train_and_evaluate(small_config(num_train_steps=8), workdir)
+
+
+# --- flags and messages -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("short_run")
+    train.train_and_evaluate(small_config(num_train_steps=2), str(workdir))
+    return str(workdir)
+
+
+def test_eval_overrides_apply_on_the_runs_config_and_fixed_fields_are_refused(short_run):
+    config = run_files.eval_config(short_run, {"eval_batch_size": 8})
+    assert config.eval_batch_size == 8 and config.batch_size == 16  # the run's own, and ours
+    with pytest.raises(
+        ConfigError,
+        match="model.variant='nonsense': the checkpoints .* were "
+        "trained with 'paper', and it cannot change",
+    ):
+        run_files.eval_config(short_run, {"model.variant": "nonsense"})
+    with pytest.raises(ConfigError, match="num_classes=5: .* trained with 10"):
+        run_files.eval_config(short_run, {"num_classes": 5})
+    with pytest.raises(ConfigError, match="eval_batch_size=6 does not divide evenly over 4"):
+        run_files.eval_config(short_run, {"eval_batch_size": 6})
+    assert run_files.eval_config(short_run, {"model.variant": "paper"}).model.variant == "paper"
+
+
+def run_main(*flags):
+    command = [sys.executable, os.path.join(ROOT, "main.py"), *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_errors_a_user_can_fix_are_one_line_with_a_status(short_run, tmp_path):
+    cases = [
+        (["--config.model.variant=vgg"], 2, "error: config.model.variant='vgg': choose one of"),
+        (["--config.no_such_field=3"], 2, "error: no such config field 'no_such_field'"),
+        (["--config.batch_size=big"], 2, "error: flag --config.batch_size=big"),
+        (["--config", "configs/none.py"], 2, "error: cannot load the --config file"),
+        (
+            [f"--workdir={short_run}", "--mode=eval", "--config.model.variant=nonsense"],
+            2,
+            "error: config.model.variant='nonsense': the checkpoints",
+        ),
+        (
+            ["--mode=predict", f"--workdir={short_run}", "--images", str(tmp_path / "no.jpg")],
+            1,
+            "error: Cannot read image",
+        ),
+        (["--mode=eval", f"--workdir={tmp_path / 'empty'}"], 1, "error: "),
+        (
+            ["--config.dataset=image_folder", f"--config.data_dir={tmp_path / 'none'}"],
+            2,
+            "is not a directory",
+        ),
+    ]
+    for flags, status, message in cases:
+        result = run_main(*flags)
+        assert result.returncode == status, (flags, error_text(result.stderr))
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+# --- inputs users really have -----------------------------------------------------------------
+
+
+def odd_images(folder):
+    """The files photo folders really hold, each of a kind a decoder may treat differently."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(folder / "photo.jpg", quality=90)
+    Image.fromarray(rgb).save(folder / "drawing.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "grey.png")
+    rgba = np.concatenate([rgb, rng.integers(0, 256, (60, 80, 1), dtype=np.uint8)], -1)
+    Image.fromarray(rgba).save(folder / "alpha.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "print.jpg", quality=95)
+    deep = (rng.integers(0, 65536, (60, 80))).astype(np.uint16)
+    Image.fromarray(deep).save(folder / "sixteen_bit.png")
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", quality=90)
+    (folder / "phone.jpg").write_bytes(buffer.getvalue() + b"\x00MotionPhoto" + bytes(5000))
+    return sorted(os.listdir(folder))
+
+
+def odd_folder(root):
+    names = odd_images(root / "train" / "a")
+    odd_images(root / "train" / "b")
+    odd_images(root / "val" / "a")
+    odd_images(root / "val" / "b")
+    return names
+
+
+def test_predict_gives_the_evaluation_pipelines_pixels_for_every_kind_of_file(tmp_path):
+    pytest.importorskip("tensorflow")
+    names = odd_folder(tmp_path)
+    config = small_config(
+        dataset="image_folder",
+        data_dir=str(tmp_path),
+        channels=3,
+        num_classes=2,
+        batch_size=4,
+        eval_batch_size=4,
+    )
+    config.input.resize_size = 72
+    config.seed = 0
+    batches = list(data.create_dataset(config).eval_batches())  # classes a, then b, in order
+    pipeline = np.concatenate([b["image"].reshape((-1, 67, 67, 3)) for b in batches])
+    for i, name in enumerate(names):  # class a's files come first, sorted
+        np.testing.assert_array_equal(
+            data.load_image(str(tmp_path / "val" / "a" / name), config), pipeline[i], err_msg=name
+        )
+    sixteen = pipeline[names.index("sixteen_bit.png")]
+    deep = np.asarray(Image.open(tmp_path / "val" / "a" / "sixteen_bit.png"))
+    assert sixteen.std() > 20  # the high byte of each pixel, not 16-bit values clipped to 255
+    assert abs(float(sixteen.mean()) - float((deep >> 8).mean())) < 6
+
+
+def test_prepared_predict_gives_the_prepared_evaluations_pixels(tmp_path):
+    from alexnet_jax.data import prepare
+
+    names = odd_folder(tmp_path / "photos")
+    prepare.prepare(
+        "image_folder",
+        str(tmp_path / "photos"),
+        str(tmp_path / "prepared"),
+        prepare.Options(size=72, encoding="raw"),
+        workers=0,
+    )
+    config = small_config(
+        dataset="prepared",
+        data_dir=str(tmp_path / "prepared"),
+        channels=3,
+        num_classes=2,
+        batch_size=4,
+        eval_batch_size=4,
+    )
+    config.input.resize_size = 72
+    batches = list(data.create_dataset(config).eval_batches())
+    pipeline = np.concatenate([b["image"].reshape((-1, 67, 67, 3)) for b in batches])
+    for i, name in enumerate(names):
+        np.testing.assert_array_equal(
+            data.load_image(str(tmp_path / "photos" / "val" / "a" / name), config), pipeline[i]
+        )
+
+
+def huge_png_header(path, width=20_000, height=20_000):
+    """A PNG whose header says 400 megapixels (its data is a stub: it would fail later)."""
+    import struct
+    import zlib
+
+    def chunk(kind, payload):
+        crc = zlib.crc32(kind + payload)
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"x") + chunk(b"IEND", b"")
+    )
+
+
+def test_a_huge_image_is_refused_before_it_is_decoded_and_named(tmp_path):
+    huge_png_header(tmp_path / "huge.png")
+    with pytest.raises(DataError, match="huge.png.* over the 89,478,485-pixel limit"):
+        images.decode(str(tmp_path / "huge.png"))
+    tf = pytest.importorskip("tensorflow")
+    from alexnet_jax.data import preprocess
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image larger than"):
+        preprocess.decode_central_square(tf.io.read_file(str(tmp_path / "huge.png")), 3)
+    size = preprocess.encoded_size(tf.io.read_file(str(tmp_path / "huge.png"))).numpy()
+    assert size.tolist() == [20_000, 20_000]
+    Image.fromarray(np.zeros((30, 50, 3), np.uint8)).save(tmp_path / "small.jpg")
+    assert preprocess.encoded_size(
+        tf.io.read_file(str(tmp_path / "small.jpg"))
+    ).numpy().tolist() == [30, 50]
+
+
+def test_files_with_bytes_after_their_end_are_accepted(tmp_path):
+    names = odd_images(tmp_path)
+    assert "phone.jpg" in names
+    assert image_folder.looks_like_image(str(tmp_path / "phone.jpg"))
+    appended = (tmp_path / "drawing.png").read_bytes() + b"trailing"
+    (tmp_path / "appended.png").write_bytes(appended)
+    assert image_folder.looks_like_image(str(tmp_path / "appended.png"))
+    chex.assert_shape(images.decode(str(tmp_path / "phone.jpg")), (60, 80, 3))
+    chex.assert_shape(images.decode(str(tmp_path / "appended.png")), (60, 80, 3))
+
+
+def test_odd_file_names_and_bad_class_folders(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    root = tmp_path
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(
+                    root / split / c / f"{i}.png"
+                )
+    odd = os.path.join(os.fsencode(root / "train" / "a"), b"caf\xe9-\xff.png")  # not UTF-8
+    with open(odd, "wb") as f:
+        f.write((root / "train" / "a" / "0.png").read_bytes())
+    config = small_config(
+        dataset="image_folder",
+        data_dir=str(root),
+        channels=3,
+        num_classes=2,
+        batch_size=4,
+        eval_batch_size=4,
+    )
+    config.input.resize_size = 24
+    config.image_size = 20
+    dataset = data.create_dataset(config)
+    assert dataset.train_size == 5
+    batches = dataset.train_batches(0)
+    assert all(next(batches)["image"].shape == (4, 1, 20, 20, 3) for _ in range(3))
+
+    for name in os.listdir(root / "val" / "b"):
+        (root / "val" / "b" / name).write_text("not an image")
+    with pytest.raises(
+        DataError,
+        match="Class folder .*val/b' of split 'val' holds no readable image: all its 2 files",
+    ):
+        data.create_dataset(config)
+
+    real_listdir = os.listdir
+
+    def denied(path):
+        if str(path).endswith(os.path.join("train", "b")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", denied)
+    with pytest.raises(DataError, match="Cannot read class folder .*train/b.*Permission denied"):
+        image_folder.list_image_folder(str(root), "train")
+
+
+# --- the converter ----------------------------------------------------------------------------
+
+
+def test_converter_finds_weights_under_a_key_and_reads_half_precision(tmp_path):
+    torch = pytest.importorskip("torch")
+    from alexnet_jax import convert
+    from tests.test_evaluate import torchvision_alexnet
+
+    net = torchvision_alexnet(num_classes=7)
+    reference = convert.torchvision_to_flax(net.state_dict())
+    for wrapped in (
+        {"model": net.state_dict(), "epoch": 3},
+        {"checkpoint": {"state_dict": net.state_dict()}},
+    ):
+        torch.save(wrapped, tmp_path / "wrapped.pth")
+        chex.assert_trees_all_equal(
+            convert.torchvision_to_flax(convert.load_pth(str(tmp_path / "wrapped.pth"))), reference
+        )
+    with pytest.raises(CheckpointError, match=r"under \['model'\]: pass checkpoint\['model'\]"):
+        convert.torchvision_to_flax({"model": net.state_dict(), "epoch": 3})
+    torch.save({"optimizer": {"lr": 0.1}}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="holds no torchvision AlexNet state_dict.*optimizer"):
+        convert.load_pth(str(tmp_path / "other.pth"))
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.save(net.to(dtype).state_dict(), tmp_path / "half.pth")
+        half = convert.torchvision_to_flax(convert.load_pth(str(tmp_path / "half.pth")))
+        chex.assert_trees_all_close(half, reference, atol=0.02 * 0.2, rtol=1e-2)
+        net = net.float()
+
+
+def test_a_nan_in_a_users_mean_image_names_the_file(tmp_path):
+    nan = np.zeros((67, 67, 1), np.float32)
+    nan[0, 0, 0] = np.nan
+    np.save(tmp_path / "my_mean.npy", nan)
+    config = small_config(
+        **{
+            "input.normalization": "mean_image",
+            "input.mean_image_path": str(tmp_path / "my_mean.npy"),
+        }
+    )
+    dataset = data.create_dataset(config)
+    with pytest.raises(DataError, match="my_mean.npy holds 1 NaN"):
+        normalization.load_or_compute_mean_image(
+            config, str(tmp_path), dataset.train_batches, dataset.image_shape
+        )
+
+
+def test_evaluation_counts_each_example_once_over_processes_and_crops():
+    """The one way of counting: top-1/top-5/loss of known outputs, as numpy counts them."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, (2, 4))
+    top5 = np.stack([rng.permutation(6)[:5] for _ in range(8)]).reshape(2, 4, 5)
+    top5[0, 0, 0] = labels[0, 0]  # at least one top-1 hit
+    loss = rng.random((2, 4))
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], np.float32)
+    tally = evaluate.Tally(6)
+    tally.add({"top5": top5, "loss": loss, "label": labels, "mask": mask})
+    keep = mask.ravel() > 0
+    flat_labels, flat_top5 = labels.ravel()[keep], top5.reshape(-1, 5)[keep]
+    assert tally.count == 6
+    summary = tally.summary()
+    assert summary["top1"] == pytest.approx(np.mean(flat_top5[:, 0] == flat_labels))
+    assert summary["top5"] == pytest.approx(np.mean((flat_top5 == flat_labels[:, None]).any(1)))
+    assert summary["loss"] == pytest.approx(loss.ravel()[keep].mean())
+    assert tally.confusion.sum(axis=1).tolist() == np.bincount(flat_labels, minlength=6).tolist()

@@ -1,0 +1,63 @@
+"""The pure steps against independent references: top-k counting, 10-crop averaging, and
+the plateau schedule as a real run applies it (and remembers it across a resume)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import steps, train
+from alexnet_jax.metrics import read_metrics
+from tests.test_train import small_config
+
+
+@pytest.mark.parametrize("classes", [3, 10])
+def test_top1_top5_and_loss_equal_numpys(classes):
+    rng = np.random.default_rng(classes)
+    logits = rng.normal(size=(64, classes)).astype(np.float32)
+    labels = rng.integers(0, classes, 64)
+    got = jax.device_get(steps.classification_metrics(jnp.asarray(logits), jnp.asarray(labels)))
+    order = np.argsort(-logits, axis=1)
+    k = min(5, classes)  # top-5 of 3 classes is every class: always a hit
+    np.testing.assert_array_equal(got["top1"], order[:, 0] == labels)
+    np.testing.assert_array_equal(got["top5"], (order[:, :k] == labels[:, None]).any(1))
+    shifted = logits - logits.max(1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    np.testing.assert_allclose(got["loss"], -log_softmax[np.arange(64), labels], rtol=1e-5)
+    assert 0 < got["top1"].mean() < got["top5"].mean() <= 1
+
+
+def test_ten_crop_evaluation_averages_the_crops_softmaxes():
+    """eval_logits of (N, 10, H, W, C) images: the log of the mean of the 10 crops' softmaxes,
+    so its softmax (and its top-k) is that mean's."""
+    weights = jnp.asarray(np.random.default_rng(1).normal(size=(12, 6)), jnp.float32)
+    state = steps.TrainState(
+        step=jnp.asarray(0), params={"w": weights}, opt_state=None, rng=None, plateau={},
+        nonfinite_step=jnp.asarray(-1),
+        apply_fn=lambda v, x: x.reshape(x.shape[0], -1) @ v["params"]["w"], tx=None,
+    )  # fmt: skip
+    images = np.random.default_rng(2).normal(size=(3, 10, 2, 2, 3)).astype(np.float32)
+    averaged = np.asarray(jax.nn.softmax(steps.eval_logits(state, jnp.asarray(images))))
+    crop_logits = images.reshape(30, 12) @ np.asarray(weights)
+    exp = np.exp(crop_logits - crop_logits.max(1, keepdims=True))
+    expected = (exp / exp.sum(1, keepdims=True)).reshape(3, 10, 6).mean(axis=1)
+    np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-7)
+    single = np.asarray(steps.eval_logits(state, jnp.asarray(images[:, 0])))
+    np.testing.assert_allclose(single, crop_logits.reshape(3, 10, 6)[:, 0], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_plateau_schedule_in_a_real_run_reduces_the_rate_and_resumes_reduced(tmp_path):
+    """A learning rate too small to change anything: top-1 stays put, so the second evaluation
+    divides the rate by 10 (patience 1); a resumed run keeps the reduced rate."""
+    fields = dict(learning_rate=1e-9, lr_schedule="plateau", plateau_patience=1)
+    fields.update(eval_every_epochs=2 / 89, log_every_steps=1, checkpoint_every_steps=2)
+    train.train_and_evaluate(small_config(num_train_steps=4, **fields), str(tmp_path))
+    train.train_and_evaluate(small_config(num_train_steps=6, **fields), str(tmp_path))
+    records = read_metrics(str(tmp_path))
+    train_lr = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+    eval_lr = {r["step"]: r["lr"] for r in records if r["split"] == "eval"}
+    assert eval_lr == pytest.approx({2: 1e-9, 4: 1e-9, 6: 1e-10})
+    assert train_lr == pytest.approx({1: 1e-9, 2: 1e-9, 3: 1e-9, 4: 1e-9, 5: 1e-10, 6: 1e-10})
+    top1 = [r["top1"] for r in records if r["split"] == "eval"]
+    assert top1[0] == top1[1] == top1[2]  # the plateau the schedule saw
