@@ -29,11 +29,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from PIL import Image, UnidentifiedImageError
 
 from alexnet_jax import data, normalization, steps
-from alexnet_jax.data.dataset import resize_size
-from alexnet_jax.data.digits import digits_like
 from alexnet_jax.errors import DataError
 from alexnet_jax.metrics import MetricsWriter
 from alexnet_jax.run_files import class_names, restore_state
@@ -208,34 +205,6 @@ def plot_confusion(path: str, confusion: np.ndarray, names: Sequence[str], recor
 # --- prediction on image files -----------------------------------------------------------------
 
 
-def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
-    """One file as the model's evaluation input: the central square, resized to
-    ``resize_size``, center-cropped to ``image_size`` (uint8), as the evaluation pipeline does
-    (PIL's decoder and bilinear resize instead of TensorFlow's). Digits configs get the
-    digits source's float preprocessing. A file PIL cannot read raises ``DataError``."""
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            image = opened.convert("L" if config.channels == 1 else "RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise DataError(f"Cannot read image {path!r}: {error}") from error
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    if config.dataset == "digits":
-        return digits_like(image, config)
-    size, resize = config.image_size, resize_size(config)
-    pixels = np.asarray(image.resize((resize, resize), Image.BILINEAR))
-    offset = (resize - size) // 2
-    pixels = pixels[offset : offset + size, offset : offset + size]
-    if pixels.ndim == 2:
-        pixels = pixels[..., None]
-    if config.grayscale_to_rgb and pixels.shape[-1] == 1:
-        pixels = np.repeat(pixels, 3, axis=-1)
-    return pixels.astype(np.uint8)
-
-
 def predict_files(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -246,7 +215,8 @@ def predict_files(
     """Each file's ``top_k`` classes with probabilities: ``[{"path", "top": [(name, p)]}]``."""
     if not paths:
         raise DataError("No images given: --images a.jpg b.png ...")
-    images = np.stack([load_image(path, config) for path in paths])  # all read before compute
+    # All read before any compute, as the evaluation pipeline reads them.
+    images = np.stack([data.load_image(path, config) for path in paths])
     state, step = restore_state(config, workdir, which)
     names = class_names(workdir, config.num_classes)
     mean_image = None
