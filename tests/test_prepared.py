@@ -371,7 +371,9 @@ def test_trains_from_prepared_records_with_the_augmentation_on_the_device(prepar
     for key in ("loss", "top1"):  # the same crops, flips and lighting either way
         assert host[key] == pytest.approx(result[key], rel=1e-5, abs=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "host" / "mean_image.npy"), mean, rtol=1e-6)
-    assert len([r for r in read_metrics(str(tmp_path / "host")) if r["split"] == "train"]) == 3  # log_every_steps=2
+    assert (
+        len([r for r in read_metrics(str(tmp_path / "host")) if r["split"] == "train"]) == 3
+    )  # log_every_steps=2
 
 
 # --- augmentation on the device ----------------------------------------------------------------
