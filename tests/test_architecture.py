@@ -21,6 +21,7 @@ LAZY_IMPORTS = (
     "matplotlib",  # figures
     "sklearn",  # the digits source only
     "grain",
+    "jax.experimental.jax2tf",  # exporting a SavedModel
 )
 
 
