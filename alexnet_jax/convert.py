@@ -1,26 +1,28 @@
-"""torchvision's pretrained AlexNet in Flax, and a workdir that eval, predict and fine-tuning use.
-
-    from alexnet_jax import convert, model
-    variables = convert.torchvision_to_flax(torch.load("alexnet-owt-7be5be79.pth"))
-    logits = model.AlexNet(variant="torchvision").apply(variables, images)  # NHWC, 224x224
+"""Pretrained AlexNets in Flax, and a workdir that eval, predict, export and fine-tuning use.
 
     python -m alexnet_jax.convert alexnet-owt-7be5be79.pth --workdir runs/torchvision
-    python main.py --mode=eval --workdir runs/torchvision --config configs/imagenet.py \
-        --config.data_dir=/path/to/tensorflow_datasets --config.model.variant=torchvision \
-        --config.image_size=224 --config.input.normalization=mean_std
+    python -m alexnet_jax.convert bvlc_alexnet.caffemodel --workdir runs/caffe \
+        [--mean_file imagenet_mean.binaryproto]
+    python main.py --mode=eval --workdir runs/torchvision \
+        --config.data_dir=/path/to/tensorflow_datasets
 
-Layout: torchvision's ``features.{0,3,6,8,10}`` are conv1..conv5 and ``classifier.{1,4,6}``
-fc6, fc7, fc8. Conv kernels go from (out, in, h, w) to (h, w, in, out), dense kernels from
-(out, in) to (in, out). fc6 needs more: torchvision flattens its 256x6x6 features in NCHW
-order (c, h, w), this model in NHWC order (h, w, c), so fc6's input rows are permuted.
-torchvision expects images normalized with ImageNet's mean and std in [0, 1] units
-(``config.input.normalization="mean_std"``, the default ``mean_rgb``/``std_rgb``).
+torchvision's (``torchvision_to_flax``): its ``features.{0,3,6,8,10}`` are conv1..conv5 and
+``classifier.{1,4,6}`` fc6, fc7, fc8, in the "one weird trick" layout
+(``variant="torchvision"``). Conv kernels go from (out, in, h, w) to (h, w, in, out), dense
+kernels from (out, in) to (in, out). fc6 needs more: torchvision flattens its 256x6x6
+features in NCHW order (c, h, w), this model in NHWC order (h, w, c), so fc6's input rows
+are permuted. torchvision expects images normalized with ImageNet's mean and std in [0, 1]
+units (``config.input.normalization="mean_std"``).
+
+BVLC's Caffe AlexNet (``alexnet_jax.caffe``) is the paper's own layout, two towers and LRN
+(``variant="paper"``, ``groups=2``), with Caffe's conventions made explicit there.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import os
 from collections.abc import Mapping
@@ -30,7 +32,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from alexnet_jax import checkpointing
+from alexnet_jax import caffe, checkpointing, normalization
 from alexnet_jax.defaults import default_config
 from alexnet_jax.errors import (
     CheckpointError,
@@ -38,6 +40,7 @@ from alexnet_jax.errors import (
     MissingCheckpointError,
     one_line_errors,
 )
+from alexnet_jax.files import atomic_write
 from alexnet_jax.run_files import template_state, write_run_files
 
 CONVS = {"conv1": "features.0", "conv2": "features.3", "conv3": "features.6",
@@ -192,11 +195,43 @@ def torchvision_config(num_classes: int):
     return config
 
 
-def write_workdir(variables: dict[str, Any], workdir: str, class_names: list[str] | None = None):
-    """A workdir holding ``variables`` as a step-0 checkpoint, ``config.json`` and class names:
-    ``main.py --mode=eval|predict --workdir`` and ``config.init_from`` read it."""
+def caffe_config(num_classes: int, lrn: dict[str, float], mean_image: bool):
+    """The config that evaluates BVLC's Caffe AlexNet: the paper's network with two towers,
+    Caffe's LRN constants, 227 center crops of 256, and Caffe's mean pixel (as RGB) or its
+    mean image subtracted from 0-255 pixels."""
+    config = default_config()
+    config.dataset = "imagenet2012"
+    config.channels = 3
+    config.num_classes = num_classes
+    config.image_size = 227
+    config.input.resize_size = 256
+    config.batch_size = 128
+    config.eval_batch_size = 256
+    config.model.name = "alexnet"
+    config.model.variant = "paper"
+    config.model.groups = 2
+    config.model.initializer = "paper"
+    config.model.update(lrn)
+    config.input.normalization = "mean_image" if mean_image else "mean"
+    config.input.mean_rgb = list(caffe.MEAN_BGR[::-1])
+    config.input.pca_lighting_std = 0.0
+    config.input.eval_crops = 1
+    config.lr_schedule = "constant"
+    return config
+
+
+def write_workdir(
+    variables: dict[str, Any],
+    workdir: str,
+    config=None,
+    class_names: list[str] | None = None,
+    mean_image: np.ndarray | None = None,
+):
+    """A workdir holding ``variables`` as a step-0 checkpoint, ``config.json`` (default:
+    torchvision's), class names and the mean image if any: ``main.py --mode=eval|predict
+    --workdir``, ``config.init_from`` and the exporter read it."""
     num_classes = variables["params"]["fc8"]["kernel"].shape[1]
-    config = torchvision_config(num_classes)
+    config = config or torchvision_config(num_classes)
     os.makedirs(workdir, exist_ok=True)
     manager = checkpointing.create_manager(workdir, config)
     if manager.latest_step() is not None:
@@ -208,6 +243,10 @@ def write_workdir(variables: dict[str, Any], workdir: str, class_names: list[str
     manager.wait_until_finished()
     manager.close()
     write_run_files(workdir, config, class_names or imagenet_class_names(num_classes))
+    if mean_image is not None:
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(mean_image, np.float32))
+        atomic_write(os.path.join(workdir, normalization.MEAN_IMAGE_FILE), buffer.getvalue())
     return config
 
 
@@ -228,14 +267,38 @@ def imagenet_class_names(num_classes: int = 1000) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description="Converts torchvision's AlexNet .pth into a workdir with a checkpoint."
+        description="Converts pretrained AlexNet weights (torchvision's .pth, BVLC's "
+        ".caffemodel) into a workdir with a checkpoint."
     )
-    parser.add_argument("pth", help="a torchvision alexnet state_dict, e.g. alexnet-owt-*.pth")
+    parser.add_argument("weights", help="alexnet-owt-*.pth, or bvlc_alexnet.caffemodel")
+    parser.add_argument(
+        "--from",
+        dest="source",
+        choices=["torchvision", "caffe"],
+        default=None,
+        help="the weights' framework (default: by extension)",
+    )
     parser.add_argument("--workdir", required=True, help="new workdir for the checkpoint")
+    parser.add_argument(
+        "--mean_file",
+        default=None,
+        help="caffe: imagenet_mean.binaryproto (default: the mean pixel)",
+    )
     args = parser.parse_args(argv)
-    variables = torchvision_to_flax(load_pth(args.pth))
-    config = write_workdir(variables, args.workdir)
-    print(json.dumps({"workdir": args.workdir, "num_classes": config.num_classes}))
+    source = args.source or ("caffe" if args.weights.endswith(".caffemodel") else "torchvision")
+    if source == "caffe":
+        variables, lrn = caffe.caffe_to_flax(caffe.read_caffemodel(args.weights))
+        mean = caffe.read_mean_file(args.mean_file) if args.mean_file else None
+        num_classes = variables["params"]["fc8"]["kernel"].shape[1]
+        config = caffe_config(num_classes, lrn, mean is not None)
+        config = write_workdir(variables, args.workdir, config, mean_image=mean)
+    else:
+        if args.mean_file:
+            raise ConfigError("--mean_file is for --from caffe; torchvision's weights use "
+                              "ImageNet's mean and std")  # fmt: skip
+        config = write_workdir(torchvision_to_flax(load_pth(args.weights)), args.workdir)
+    print(json.dumps({"workdir": args.workdir, "num_classes": config.num_classes,
+                      "from": source}))  # fmt: skip
 
 
 if __name__ == "__main__":
