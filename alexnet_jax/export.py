@@ -13,7 +13,8 @@ run's normalization (mean/std, mean pixel or mean image) and the softmax are ins
   ``.call(images)`` (JAX only, no Flax, no this project).
 - ``savedmodel``: a TensorFlow SavedModel (``jax2tf``; the parameters are variables),
   served by ``tf.saved_model.load(path).serve(images)`` or TF Serving.
-- ONNX: not offered; ``README.md`` says why.
+- ``onnx``: an ONNX model (``jax2onnx``, opset 23, a symbolic batch dimension), for
+  ``onnxruntime`` and the other ONNX runtimes; needs ``pip install -e ".[onnx]"``.
 
 Beside the model, ``signature.json`` records the input shape and dtype, the crop, the
 normalization and the class names.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import types
 from collections.abc import Callable
 
 import jax
@@ -36,7 +38,7 @@ from alexnet_jax.errors import ConfigError, one_line_errors
 from alexnet_jax.files import atomic_write
 from alexnet_jax.run_files import class_names, load_run_config, restore_state
 
-FORMATS = ("stablehlo", "savedmodel")
+FORMATS = ("stablehlo", "savedmodel", "onnx")
 
 
 def serving_function(
@@ -95,6 +97,28 @@ def export_savedmodel(serve: Callable, params: dict, shape: tuple, path: str) ->
     tf.saved_model.save(module, path, signatures={"serving_default": serve_images})
 
 
+def export_onnx(serve: Callable, params: dict, shape: tuple, path: str) -> None:
+    """An ONNX model taking uint8 (batch, R, R, C) ``images`` to ``probabilities``."""
+    try:
+        import jax2onnx
+    except ImportError as error:
+        raise ConfigError(
+            '--format=onnx needs jax2onnx: pip install -e ".[onnx]" (jax2onnx, onnxruntime)'
+        ) from error
+
+    # A symbolic batch dimension, which jax2onnx takes as a name.
+    spec = types.SimpleNamespace(shape=("batch",) + tuple(shape), dtype=jnp.uint8)
+    jax2onnx.to_onnx(
+        lambda images: serve(params, images),
+        [spec],
+        model_name="alexnet",
+        input_names=["images"],
+        output_names=["probabilities"],
+        return_mode="file",
+        output_path=path,
+    )
+
+
 def export(
     workdir: str,
     fmt: str,
@@ -112,6 +136,9 @@ def export(
     if fmt == "stablehlo":
         path = os.path.join(output, "model.stablehlo")
         export_stablehlo(serve, params, shape, path)
+    elif fmt == "onnx":
+        path = os.path.join(output, "model.onnx")
+        export_onnx(serve, params, shape, path)
     else:
         path = os.path.join(output, "saved_model")
         export_savedmodel(serve, params, shape, path)

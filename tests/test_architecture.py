@@ -22,6 +22,7 @@ LAZY_IMPORTS = (
     "sklearn",  # the digits source only
     "grain",
     "jax.experimental.jax2tf",  # exporting a SavedModel
+    "jax2onnx",  # exporting ONNX (the optional [onnx] extra)
 )
 
 

@@ -45,11 +45,17 @@ def run_python(code):
     return result.stdout
 
 
+ONNX = pytest.param("onnx", marks=pytest.mark.extra("onnx"))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["stablehlo", "savedmodel"])
+@pytest.mark.parametrize("fmt", ["stablehlo", "savedmodel", ONNX])
 def test_exported_model_reloads_without_the_project_and_gives_its_probabilities(
     folder_run, tmp_path, fmt
 ):
+    if fmt == "onnx":
+        pytest.importorskip("jax2onnx")
+        pytest.importorskip("onnxruntime")
     path = export.export(folder_run, fmt, str(tmp_path / fmt))
     signature = json.loads((tmp_path / fmt / "signature.json").read_text())
     assert signature["input"]["shape"] == ["batch", 76, 76, 3]
@@ -59,9 +65,12 @@ def test_exported_model_reloads_without_the_project_and_gives_its_probabilities(
     if fmt == "stablehlo":
         load = (f"import jax; f = jax.export.deserialize(open({path!r}, 'rb').read()); "
                 "serve = f.call")  # fmt: skip
-    else:
+    elif fmt == "savedmodel":
         load = (f"import tensorflow as tf; m = tf.saved_model.load({path!r}); "
                 "serve = lambda x: m.serve(x)['probabilities'].numpy()")  # fmt: skip
+    else:
+        load = (f"import onnxruntime as ort; s = ort.InferenceSession({path!r}); "
+                "serve = lambda x: s.run(None, {'images': x})[0]")  # fmt: skip
     code = (
         "import sys, numpy as np\n"
         f"{load}\n"
@@ -69,6 +78,7 @@ def test_exported_model_reloads_without_the_project_and_gives_its_probabilities(
         "for n in (1, 3):\n"  # the batch dimension is symbolic
         f"    np.save({str(tmp_path / 'out')!r} + str(n) + '.npy', np.asarray(serve(x[:n])))\n"
         "assert 'alexnet_jax' not in sys.modules and 'flax' not in sys.modules\n"
+        + ("assert 'jax' not in sys.modules\n" if fmt == "onnx" else "")
     )
     run_python(code)
     expected = reference_probabilities(folder_run, squares)
