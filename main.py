@@ -6,6 +6,7 @@ same command resumes from the workdir's latest checkpoint.
 
     python main.py --mode=eval --workdir W [--checkpoint=best|latest|STEP]
     python main.py --mode=predict --workdir W --images a.jpg b.png
+    python main.py --mode=neighbors --workdir W --images a.jpg   # nearest in fc7 (Figure 4)
 
 evaluate and predict with a run's checkpoint (alexnet_jax/evaluate.py): the run's
 ``W/config.json``, with any ``--config.field=value`` applied on top (or the ``--config``
@@ -22,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import distributed, evaluate, train
+from alexnet_jax import distributed, evaluate, neighbors, train
 from alexnet_jax.errors import one_line_errors
 from alexnet_jax.run_files import eval_config
 
@@ -44,17 +45,23 @@ try:  # ml_collections applies --config.* overrides to the default file here, at
 except (AttributeError, KeyError) as error:
     fields = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
     usage_error(f"no such config field {str(error).strip(chr(34))} (among {fields})")
-MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "neighbors"], "What to do.")
 CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "best", "eval/predict: best (by eval top-1), latest, or a step number."
 )
-IMAGES = flags.DEFINE_list("images", [], "predict: image files (comma- or space-separated).")
+IMAGES = flags.DEFINE_list(
+    "images", [], "predict, neighbors: image files (comma- or space-separated)."
+)
+NEIGHBORS = flags.DEFINE_integer("neighbors", 6, "neighbors: training images per query.")
+NEIGHBORS_POOL = flags.DEFINE_integer(
+    "neighbors_pool", 20_000, "neighbors: training images searched (0: all)."
+)
 
 
 def main(argv):
     images = list(IMAGES.value)
     if len(argv) > 1:
-        if MODE.value != "predict":
+        if MODE.value not in ("predict", "neighbors"):
             raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=USAGE_EXIT)
         images += argv[1:]  # --images a.jpg b.png: the files after the first
     try:
@@ -86,6 +93,16 @@ def main(argv):
                 f"{record['top1']:.4f}  top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  "
                 f"({record['count']} images)"
             )
+        return
+    if MODE.value == "neighbors":
+        results = neighbors.nearest_training_images(
+            config, workdir, images, NEIGHBORS.value, NEIGHBORS_POOL.value, CHECKPOINT.value
+        )
+        for result in results:
+            print(result["path"])
+            for found in result["neighbors"]:
+                print(f"  {found['distance']:10.3f}  {found['name']}")
+        print(os.path.join(workdir, "neighbors.png"))
         return
     for result in evaluate.predict_files(config, workdir, images, CHECKPOINT.value):
         print(result["path"])

@@ -107,6 +107,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
         0 <= c.warmup_epochs < c.num_epochs or c.lr_schedule != "warmup_cosine",
         f"config.warmup_epochs={c.warmup_epochs}: must be below num_epochs={c.num_epochs}",
     )
+    _require(c.profile_steps >= 0, f"config.profile_steps={c.profile_steps}: must be >= 0")
     for field in ("log_every_steps", "checkpoint_every_steps", "max_to_keep"):
         _require(c[field] >= 1, f"config.{field}={c[field]}: must be at least 1")
     _require(

@@ -108,6 +108,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.keep_best = 1  # best checkpoints by eval top-1 kept
     config.async_checkpointing = True
     config.progress_bar = True
+    # > 0: a jax.profiler trace of this many steps, after 5 warm-up steps, in WORKDIR/profile
+    # (TensorBoard's profile plugin or Perfetto: README "Looking inside a run")
+    config.profile_steps = 0
     config.distributed = "auto"  # auto | yes | no: jax.distributed.initialize
     return config
 

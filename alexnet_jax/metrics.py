@@ -40,6 +40,14 @@ class MetricsWriter:
                 self._tensorboard.add_scalar(f"{record['split']}/{key}", value, record["step"])
         self._tensorboard.flush()
 
+    def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """TensorBoard images, ``{tag: (H, W, C) floats in [0, 1]}``, at ``step``."""
+        if not self.enabled:
+            return
+        for tag, image in images.items():
+            self._tensorboard.add_image(tag, np.clip(image, 0, 1), step, dataformats="HWC")
+        self._tensorboard.flush()
+
     def close(self) -> None:
         if self._tensorboard is not None:
             self._tensorboard.close()

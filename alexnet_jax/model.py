@@ -248,7 +248,7 @@ class AlexNet(nn.Module):
                 lrn = LocalResponseNorm(self.lrn_size, self.lrn_k, self.lrn_alpha, self.lrn_beta)
                 x = lrn(x)
             if conv.pool:
-                x = nn.max_pool(x, window, strides=(2, 2), padding="VALID")
+                x = nn.max_pool(x, window_shape=window, strides=(2, 2), padding="VALID")
             self.sow("intermediates", f"{name}_out", x)
 
         if spec.adaptive_pool:
@@ -351,6 +351,11 @@ def smallest_input(model_config: ml_collections.ConfigDict) -> int:
     if model_config.name == "vgg11":
         return 2 ** len(VGG11_ARCH)
     return min_input_size(model_config.variant, model_config.overlap_pool)
+
+
+def first_layer(model_config: ml_collections.ConfigDict) -> str:
+    """The name of the layer that sees the pixels (its kernels are the paper's Figure 3)."""
+    return "block1_conv1" if model_config.name == "vgg11" else "conv1"
 
 
 def head_layer(model_config: ml_collections.ConfigDict) -> str:

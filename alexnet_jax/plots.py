@@ -14,8 +14,10 @@ import os
 
 import numpy as np
 
+from alexnet_jax.figures import grid_columns, kernel_grid
 from alexnet_jax.metrics import read_metrics
-from alexnet_jax.run_files import params_from_workdir
+from alexnet_jax.model import first_layer
+from alexnet_jax.run_files import load_run_config, params_from_workdir
 
 
 def _pyplot():
@@ -52,27 +54,12 @@ def plot_training_curves(workdir: str, path: str | None = None) -> str:
     return path
 
 
-def kernel_grid(kernel: np.ndarray, columns: int = 12, border: int = 1) -> np.ndarray:
-    """(h, w, c, n) kernels as one (rows*(h+b)+b, columns*(w+b)+b, c) image in [0, 1], each
-    kernel scaled by its own min and max; the borders are white."""
-    h, w, c, n = kernel.shape
-    rows = -(-n // columns)
-    grid = np.ones((rows * (h + border) + border, columns * (w + border) + border, c))
-    for i in range(n):
-        k = kernel[..., i]
-        span = k.max() - k.min()
-        k = (k - k.min()) / span if span > 0 else np.zeros_like(k)
-        r, col = divmod(i, columns)
-        top, left = border + r * (h + border), border + col * (w + border)
-        grid[top : top + h, left : left + w] = k
-    return grid
-
-
 def plot_conv1_kernels(workdir: str, which: str = "best", path: str | None = None) -> str:
     """The checkpoint's conv1 kernels as a grid (the paper's Figure 3); returns the path."""
     params, step = params_from_workdir(workdir, which)
-    kernel = np.asarray(params["conv1"]["kernel"], np.float32)
-    grid = kernel_grid(kernel, columns=12 if kernel.shape[-1] % 12 == 0 else 8)
+    layer = first_layer(load_run_config(workdir).model)  # conv1; VGG's block1_conv1
+    kernel = np.asarray(params[layer]["kernel"], np.float32)
+    grid = kernel_grid(kernel, columns=grid_columns(kernel.shape[-1]))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(12, 12 * grid.shape[0] / grid.shape[1] + 0.6))
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")

@@ -9,6 +9,7 @@ another run's weights with ``config.init_from``), then trains, logs, evaluates
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,8 +25,9 @@ from alexnet_jax.config_checks import validate_config
 from alexnet_jax.data.dataset import steps_per_epoch as count_steps_per_epoch
 from alexnet_jax.errors import UserError
 from alexnet_jax.evaluate import evaluate_batches
+from alexnet_jax.figures import confusion_image, grid_columns, kernel_grid
 from alexnet_jax.metrics import MetricsWriter
-from alexnet_jax.model import head_layer
+from alexnet_jax.model import first_layer, head_layer
 from alexnet_jax.run_files import params_from_workdir, transfer_params, write_run_files
 from alexnet_jax.steps import TrainState
 
@@ -90,12 +92,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop = checkpointing.StopRequest()
     progress = _progress_bar(config, is_main, start_step, total_steps)
     batches = prefetch_to_device(dataset.train_batches(start_step), config.input.prefetch)
+    profile = Profile(config.profile_steps, start_step, workdir)
     window: list[dict[str, jax.Array]] = []
     window_start = time.perf_counter()
     last_eval: dict[str, Any] = {}
     try:
         for step in range(start_step, total_steps):
+            profile.before(step)
             state, metrics = p_train_step(state, next(batches))
+            profile.after(step, state)
             window.append(metrics)
             done = step + 1
             epoch = done / steps_per_epoch
@@ -128,6 +133,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last_eval = dict(step=done, epoch=epoch, split="eval", lr=lr,
                                  img_per_s=dataset.eval_size / eval_seconds, **result)  # fmt: skip
                 writer.write(last_eval)
+                writer.write_images(done, _eval_images(state, tally, config))
                 logging.info("eval at step %d (epoch %.2f): %s", done, epoch,
                              {k: round(v, 4) for k, v in result.items()})  # fmt: skip
                 if config.lr_schedule == "plateau":
@@ -153,6 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 return {"stopped_at_step": done, **last_eval}
     finally:
+        profile.close()
         manager.wait_until_finished()
         stop.close()
         writer.close()
@@ -204,6 +211,49 @@ def prefetch_to_device(iterator: Iterator, size: int) -> Iterator:
         if len(queue) > size:
             yield queue.pop(0)
     yield from queue
+
+
+class Profile:
+    """A ``jax.profiler`` trace of ``steps`` train steps, after ``WARMUP`` steps (compiling
+    and the input pipeline's start are not what one wants to see), in ``WORKDIR/profile``:
+    an XPlane for TensorBoard's profile plugin and a Perfetto trace (``*.trace.json.gz``)."""
+
+    WARMUP = 5
+
+    def __init__(self, steps: int, start_step: int, workdir: str):
+        self.first = start_step + self.WARMUP if steps > 0 else -1
+        self.last = self.first + steps - 1
+        self.directory = os.path.join(workdir, "profile")
+        if jax.process_count() > 1:
+            self.directory = os.path.join(self.directory, f"process_{jax.process_index()}")
+        self.running = False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            self.running = True
+
+    def after(self, step: int, state: TrainState) -> None:
+        if self.running and step == self.last:
+            jax.block_until_ready(state)  # the traced steps run to their end
+            self.close()
+            logging.info("Profiled steps %d-%d into %s", self.first + 1, step + 1, self.directory)
+
+    def close(self) -> None:
+        if self.running:
+            jax.profiler.stop_trace()
+            self.running = False
+
+
+def _eval_images(state: TrainState, tally, config: ml_collections.ConfigDict) -> dict:
+    """What TensorBoard shows beside the scalars at an evaluation: the first layer's kernels
+    (the paper's Figure 3) and the confusion matrix."""
+    kernel = np.asarray(jax.device_get(state.params[first_layer(config.model)]["kernel"]))
+    grid = kernel_grid(kernel, columns=grid_columns(kernel.shape[-1]))
+    return {
+        "eval/first_layer_kernels": grid,
+        "eval/confusion_matrix": confusion_image(tally.confusion),
+    }
 
 
 def _check_finite(state: TrainState, last_checkpoint: int | None) -> None:

@@ -40,6 +40,11 @@ class Dataset:
     # lights inside the train step: (images, step, first_index) -> images. None: as they are.
     device_augment: Callable | None = None
     resize_size: int = 0  # the side images are resized to before cropping (0: not resized)
+    # The training split as evaluation sees images (center crop, no augmentation), in a fixed
+    # order, padded with "mask", with each example's "index" in that order; and the name
+    # (a file, a record) of the example at an index. For nearest neighbors in feature space.
+    train_eval_batches: Callable[[], Iterator[Batch]] | None = None
+    train_example_name: Callable[[int], str] | None = None
 
 
 def shard(batch: Batch, num_devices: int) -> Batch:

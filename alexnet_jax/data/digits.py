@@ -112,22 +112,26 @@ def in_memory_dataset(
             yield shard({"image": train_images[local], "label": train_labels[local]}, devices)
             step += 1
 
-    def eval_batches() -> Iterator[Batch]:
+    def ordered_batches(images: np.ndarray, labels: np.ndarray) -> Iterator[Batch]:
         size = config.eval_batch_size
-        for start in range(0, len(eval_labels), size):
-            chosen = np.arange(start, min(start + size, len(eval_labels)))
+        for start in range(0, len(labels), size):
+            chosen = np.arange(start, min(start + size, len(labels)))
             mask = np.ones(size, np.float32)
             mask[len(chosen) :] = 0
             chosen = np.pad(chosen, (0, size - len(chosen)))  # padding repeats example 0
             local = process_part(np.arange(size))
             yield shard(
                 {
-                    "image": eval_images[chosen[local]],
-                    "label": eval_labels[chosen[local]],
+                    "image": images[chosen[local]],
+                    "label": labels[chosen[local]],
                     "mask": mask[local],
+                    "index": chosen[local],
                 },
                 devices,
             )
+
+    def eval_batches() -> Iterator[Batch]:
+        return ordered_batches(eval_images, eval_labels)
 
     return Dataset(
         name=name,
@@ -138,4 +142,6 @@ def in_memory_dataset(
         eval_size=len(eval_labels),
         train_batches=train_batches,
         eval_batches=eval_batches,
+        train_eval_batches=lambda: ordered_batches(train_images, train_labels),
+        train_example_name=lambda index: f"{name} training example {index}",
     )

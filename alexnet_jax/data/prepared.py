@@ -58,6 +58,8 @@ def prepared_dataset(config: ml_collections.ConfigDict) -> Dataset:
         has_crops=True,
         device_augment=device_augment,
         resize_size=metadata.size,
+        train_eval_batches=lambda: loader.ordered_batches(loader.train),
+        train_example_name=lambda index: loader.train.read(index)["name"],
     )
 
 
@@ -166,15 +168,15 @@ class PreparedLoader:
 
     # --- evaluation ----------------------------------------------------------------------------
 
-    def _eval_batch(self, indices: np.ndarray, count: int) -> Batch:
+    def _eval_batch(self, reader: SplitReader, indices: np.ndarray, count: int) -> Batch:
         """Global eval batch ``indices`` (padded to a whole batch; ``count`` real examples):
         this process's part, cropped, with its mask."""
         size = self.config.eval_batch_size
         local = process_part(np.arange(size))
-        images, labels = self.read(self.evaluation, indices[local])
-        mask = (local < count).astype(np.float32)
-        return shard({"image": self.eval_crops(images), "label": labels, "mask": mask},
-                     self.devices)  # fmt: skip
+        images, labels = self.read(reader, indices[local])
+        batch = {"image": self.eval_crops(images), "label": labels,
+                 "mask": (local < count).astype(np.float32), "index": indices[local]}  # fmt: skip
+        return shard(batch, self.devices)
 
     def eval_crops(self, images: np.ndarray) -> np.ndarray:
         """The center ``image_size`` crop (N, S, S, C), or the ten crops (N, 10, S, S, C):
@@ -191,13 +193,17 @@ class PreparedLoader:
 
     def eval_batches(self) -> Iterator[Batch]:
         """One pass over ``val`` in order, padded (repeating example 0) and masked."""
-        size, total = self.config.eval_batch_size, len(self.evaluation)
+        return self.ordered_batches(self.evaluation)
+
+    def ordered_batches(self, reader: SplitReader) -> Iterator[Batch]:
+        """One pass over a split in its order, as evaluation sees it."""
+        size, total = self.config.eval_batch_size, len(reader)
 
         def tasks():
             for start in range(0, total, size):
                 count = min(size, total - start)
                 indices = np.zeros(size, np.int64)
                 indices[:count] = np.arange(start, start + count)
-                yield self._eval_batch, indices, count
+                yield self._eval_batch, reader, indices, count
 
         yield from self._in_order(tasks())

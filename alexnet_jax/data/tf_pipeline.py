@@ -60,6 +60,7 @@ class RawSplit:
     local_size: int  # examples in this process's epoch (or split)
     listed_bad: int = 0  # files dropped before (named when the folder was listed)
     read_files: bool = False  # "image" holds a path, read just before decoding
+    ordered_size: int = -1  # examples of examples(None, ...) when not local_size
 
 
 class TFPipeline:
@@ -111,6 +112,7 @@ class TFPipeline:
             eval_batches=self.eval_batches,
             has_crops=True,
             resize_size=resize_size(self.config),
+            train_eval_batches=lambda: self.ordered_batches(self.train, "train", True),
         )
 
     # --- decoding ------------------------------------------------------------------------------
@@ -186,7 +188,12 @@ class TFPipeline:
     def eval_batches(self) -> Iterator[Batch]:
         """One pass over the evaluation split; every process yields the same number of
         batches, padded and masked."""
-        split = self.evaluation
+        return self.ordered_batches(self.evaluation, "eval")
+
+    def ordered_batches(
+        self, split: RawSplit, what: str, keep_index: bool = False
+    ) -> Iterator[Batch]:
+        """One pass over ``split`` in its fixed order, as evaluation sees images."""
 
         def prepare(i, example):
             image = self.eval_fn(self._encoded(split, example))
@@ -197,17 +204,17 @@ class TFPipeline:
         ds = ds.ignore_errors().batch(self.local_eval_batch).with_options(self.options)
         iterator = ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
         steps = math.ceil(math.ceil(split.size / jax.process_count()) / self.local_eval_batch)
-        gaps = Gaps(0, split.local_size)
+        gaps = Gaps(0, split.ordered_size if split.ordered_size >= 0 else split.local_size)
         for _ in range(steps):
             batch = next(iterator, None)
             if batch is not None:
-                gaps.update(batch.pop("index"))
+                gaps.update(batch["index"] if keep_index else batch.pop("index"))
             padded = pad_batch(batch, self.local_eval_batch, self.eval_image_shape())
             yield shard(padded, self.devices)
         if next(iterator, None) is None:  # the split was read to its end
             gaps.close()
         failed = names_at(split.examples(None, 0, 0), gaps.missing) if gaps.missing else []
-        report_skipped(f"{self.name} eval", split.listed_bad, failed)
+        report_skipped(f"{self.name} {what}", split.listed_bad, failed)
 
 
 # --- the parts, each testable alone --------------------------------------------------------------
@@ -284,11 +291,16 @@ def pad_batch(batch: dict | None, size: int, image_shape: tuple) -> Batch:
     n = len(batch["label"])
     mask = np.zeros(size, np.float32)
     mask[:n] = 1
-    return {
-        "image": np.concatenate([batch["image"], np.zeros((size - n,) + image_shape, np.uint8)]),
-        "label": np.concatenate([batch["label"], np.zeros(size - n, np.int32)]),
-        "mask": mask,
+    padded = {
+        k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+        for k, v in batch.items()
+        if k != "image"
     }
+    padded["image"] = np.concatenate(
+        [batch["image"], np.zeros((size - n,) + image_shape, np.uint8)]
+    )
+    padded["mask"] = mask
+    return padded
 
 
 class Gaps:

@@ -29,7 +29,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from alexnet_jax.data.dataset import Dataset, epoch_permutation, process_part
-from alexnet_jax.data.image_folder import FolderSplit, read_image_folder
+from alexnet_jax.data.image_folder import FolderSplit, display_name, read_image_folder
 from alexnet_jax.data.tf_pipeline import RawSplit, TFPipeline
 from alexnet_jax.errors import DataError, MissingDataError
 
@@ -67,10 +67,13 @@ def image_folder_dataset(config: ml_collections.ConfigDict) -> Dataset:
     train, evaluation = splits["train"], splits["val"]
     size = len(train.files)
 
+    ordered_train = process_part(np.arange(size))
+
     def train_examples(epoch, start, seed):
-        return file_examples(
-            train, epoch_files(size, config.batch_size, config.seed, epoch)[start:]
-        )
+        if epoch is None:  # the split in its order (nearest neighbors)
+            return file_examples(train, ordered_train[start:])
+        positions = epoch_files(size, config.batch_size, config.seed, epoch)
+        return file_examples(train, positions[start:])
 
     def eval_examples(epoch, start, seed):
         return file_examples(evaluation, process_part(np.arange(len(evaluation.files)))[start:])
@@ -82,10 +85,12 @@ def image_folder_dataset(config: ml_collections.ConfigDict) -> Dataset:
         config,
         "image_folder",
         classes,
-        RawSplit(train_examples, size, local_epoch, len(train.dropped), read_files=True),
+        RawSplit(train_examples, size, local_epoch, len(train.dropped), True, len(ordered_train)),
         RawSplit(eval_examples, len(evaluation.files), local_eval, len(evaluation.dropped), True),
     )
-    return pipeline.dataset()
+    dataset = pipeline.dataset()
+    dataset.train_example_name = lambda index: display_name(train.files[ordered_train[index]])
+    return dataset
 
 
 # --- TFDS --------------------------------------------------------------------------------------
