@@ -92,6 +92,11 @@ def main(argv):
                 f"step {record['step']}, {record['crops']:>2} crop(s): top-1 "
                 f"{record['top1']:.4f}  top-5 {record['top5']:.4f}  loss {record['loss']:.4f}  "
                 f"({record['count']} images)"
+                + (
+                    f"  ReaL top-1 {record['real_top1']:.4f} ({record['real_count']} with labels)"
+                    if "real_top1" in record
+                    else ""
+                )
             )
         return
     if MODE.value == "neighbors":

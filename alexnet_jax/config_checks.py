@@ -25,7 +25,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
     """Raises ``ConfigError`` naming the first field whose value cannot work."""
     c = config
     _require(
-        c.dataset in data.SOURCES,
+        data.source_name(c.dataset) in data.SOURCES,
         f"config.dataset={c.dataset!r}: choose one of {data.SOURCES}",
     )
     _require(

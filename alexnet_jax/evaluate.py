@@ -54,6 +54,7 @@ class Tally:
         self.confusion = np.zeros((num_classes, num_classes), np.int64)
         self.top5_hits = np.zeros(num_classes, np.int64)
         self.loss_sum = 0.0
+        self.real = None  # ReaL: [top-1 in the image's labels, images with labels], if any
 
     def add(self, out: dict[str, Any]) -> None:
         values = {k: local_values(v) for k, v in out.items()}
@@ -63,17 +64,24 @@ class Tally:
         np.add.at(self.confusion, (labels, top5[:, 0]), 1)
         np.add.at(self.top5_hits, labels, (top5 == labels[:, None]).any(-1))
         self.loss_sum += float(values["loss"].reshape(-1)[keep].astype(np.float64).sum())
+        if "real_hit" in values:
+            valid = keep & (values["real_valid"].reshape(-1) > 0)
+            hits = int((values["real_hit"].reshape(-1)[valid] > 0).sum())
+            previous = self.real if self.real is not None else np.zeros(2, np.int64)
+            self.real = previous + np.asarray([hits, int(valid.sum())])
 
     def all_processes(self) -> Tally:
         """The tally summed over every process (each counted its own shard)."""
         if jax.process_count() == 1:
             return self
         total = Tally(len(self.top5_hits))
-        total.confusion, total.top5_hits, loss = (
+        real = self.real if self.real is not None else np.zeros(2, np.int64)
+        total.confusion, total.top5_hits, loss, real = (
             np.asarray(multihost_utils.process_allgather(x)).sum(axis=0)
-            for x in (self.confusion, self.top5_hits, np.asarray(self.loss_sum))
+            for x in (self.confusion, self.top5_hits, np.asarray(self.loss_sum), real)
         )
         total.loss_sum = float(loss)
+        total.real = real if self.real is not None else None
         return total
 
     @property
@@ -83,11 +91,15 @@ class Tally:
     def summary(self) -> dict[str, float]:
         """Mean loss, top-1 and top-5 over the counted examples (fractions)."""
         count = max(self.count, 1)
-        return {
+        summary = {
             "loss": self.loss_sum / count,
             "top1": float(np.trace(self.confusion)) / count,
             "top5": float(self.top5_hits.sum()) / count,
         }
+        if self.real is not None:  # ReaL accuracy, over the images that have labels
+            summary["real_top1"] = float(self.real[0]) / max(int(self.real[1]), 1)
+            summary["real_count"] = int(self.real[1])
+        return summary
 
 
 def evaluate_batches(

@@ -163,14 +163,21 @@ def eval_step(
     state: TrainState, batch: dict[str, jax.Array], *, normalize: Normalizer
 ) -> dict[str, jax.Array]:
     """Per-example top-5 classes (best first) and loss, with the batch's labels and mask, for
-    ``alexnet_jax.evaluate.Tally`` to count. 10-crop images average their crops' softmaxes."""
+    ``alexnet_jax.evaluate.Tally`` to count. 10-crop images average their crops' softmaxes.
+    With multi-labels (``batch["real"]``, multi-hot), also whether the top-1 class is one of
+    them and whether the image has any."""
     logits = eval_logits(state, normalize(batch["image"]))
-    return {
+    out = {
         "top5": lax.top_k(logits, min(5, logits.shape[-1]))[1],
         "loss": optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]),
         "label": batch["label"],
         "mask": batch["mask"],
     }
+    if "real" in batch:  # ReaL: the top-1 class is right if it is any of the image's labels
+        top1 = out["top5"][:, :1]
+        out["real_hit"] = jnp.take_along_axis(batch["real"], top1, axis=1)[:, 0]
+        out["real_valid"] = batch["real"].max(axis=-1)
+    return out
 
 
 def predict_probabilities(state: TrainState, images: jax.Array, *, normalize: Normalizer):

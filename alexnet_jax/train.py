@@ -23,7 +23,7 @@ from tqdm import tqdm
 from alexnet_jax import checkpointing, data, normalization, optim, steps
 from alexnet_jax.config_checks import validate_config
 from alexnet_jax.data.dataset import steps_per_epoch as count_steps_per_epoch
-from alexnet_jax.errors import UserError
+from alexnet_jax.errors import ConfigError, UserError
 from alexnet_jax.evaluate import evaluate_batches
 from alexnet_jax.figures import confusion_image, grid_columns, kernel_grid
 from alexnet_jax.metrics import MetricsWriter
@@ -40,6 +40,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains (resuming from ``workdir`` if it holds checkpoints) and returns the last eval."""
     # --- the data, the schedule and the run files -----------------------------------------------
     validate_config(config, workdir)
+    if data.source_name(config.dataset) in data.EVAL_ONLY_SOURCES:
+        raise ConfigError(
+            f"config.dataset={config.dataset!r} is an evaluation set (no training split): "
+            "evaluate an ImageNet-trained workdir on it with --mode=eval"
+        )
     dataset = data.create_dataset(config)  # checks config.num_classes too
     config = resolved(config, dataset)
     steps_per_epoch = count_steps_per_epoch(dataset.train_size, config)

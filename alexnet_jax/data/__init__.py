@@ -26,7 +26,19 @@ from alexnet_jax.errors import ConfigError
 NUMPY_SOURCES = ("digits", "synthetic")
 # Kept here, not in tf_sources, so that naming them imports no TensorFlow.
 TFDS_SOURCES = ("imagenet2012", "fashion_mnist", "mnist", "cifar10", "imagenette")
-SOURCES = NUMPY_SOURCES + TFDS_SOURCES + ("image_folder", "prepared")
+# Harder ImageNet test sets, for --mode=eval only: ImageNet-V2 (its variants as
+# "imagenet_v2/matched-frequency", "/threshold-0.7", "/topimages") and ReaL's labels.
+EVAL_ONLY_SOURCES = ("imagenet_v2", "imagenet2012_real")
+SOURCES = NUMPY_SOURCES + TFDS_SOURCES + EVAL_ONLY_SOURCES + ("image_folder", "prepared")
+
+
+def source_name(dataset: str) -> str:
+    """The source of ``config.dataset``: a TFDS name without its config (``imagenet_v2``)."""
+    return dataset.split("/")[0]
+
+
+def is_tf_source(dataset: str) -> bool:
+    return source_name(dataset) in TFDS_SOURCES + EVAL_ONLY_SOURCES or dataset == "image_folder"
 
 
 def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
@@ -38,7 +50,7 @@ def load_image(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
         from alexnet_jax.data.prepared import load_image as prepared_load_image
 
         return prepared_load_image(path, config)
-    if config.dataset in TFDS_SOURCES or config.dataset == "image_folder":
+    if is_tf_source(config.dataset):
         from alexnet_jax.data import tf_pipeline
 
         return tf_pipeline.load_image(path, config)
@@ -60,7 +72,7 @@ def create_dataset(config: ml_collections.ConfigDict) -> Dataset:
         from alexnet_jax.data.prepared import prepared_dataset
 
         dataset = prepared_dataset(config)
-    elif config.dataset in TFDS_SOURCES or config.dataset == "image_folder":
+    elif is_tf_source(config.dataset):
         # TensorFlow (an optional heavy dependency) is imported only for these sources.
         from alexnet_jax.data import tf_sources
 

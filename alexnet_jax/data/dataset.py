@@ -73,6 +73,16 @@ def steps_per_epoch(train_size: int, config: ml_collections.ConfigDict) -> int:
     return steps
 
 
+# TFDS data sets whose evaluation split is not called "test".
+TFDS_EVAL_SPLITS = {"imagenet2012": "validation", "imagenette": "validation",
+                    "imagenet2012_real": "validation"}  # fmt: skip
+
+
+def tfds_eval_split(name: str) -> str:
+    """The split a TFDS data set (``name`` without its ``/config``) is evaluated on."""
+    return TFDS_EVAL_SPLITS.get(name.split("/")[0], "test")
+
+
 AUGMENT_ON = ("device", "host")  # config.input.augment_on, for prepared records
 PAPER_RESIZE_RATIO = 256 / 227  # the paper's 256x256 images and the 227 crops taken from them
 

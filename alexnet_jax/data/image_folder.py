@@ -26,7 +26,8 @@ def display_name(path: str) -> str:
 
 
 def list_image_folder(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """Files, labels and sorted class names of ``root/split/<class>/<image>``.
+    """Files, labels and sorted class names of ``root/split/<class>/<image>`` (numbered
+    class folders sorted by their numbers).
 
     Raises ``MissingDataError`` or ``DataError`` naming the path when the layout is wrong:
     a missing or unreadable split, a split without class folders, an unreadable or empty
@@ -42,6 +43,8 @@ def list_image_folder(root: str, split: str) -> tuple[list[str], np.ndarray, lis
         classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
     except OSError as error:
         raise DataError(f"Cannot read the image folder split {directory!r}: {error}") from error
+    if classes and all(name.isdigit() for name in classes):
+        classes.sort(key=int)  # "0".."999" (ImageNet-V2's folders): by number, not as text
     if not classes:
         raise DataError(f"Image folder split {directory!r} has no class folders")
     files, labels = [], []

@@ -35,6 +35,7 @@ from typing import Any
 from absl import logging
 from tqdm import tqdm
 
+from alexnet_jax.data.dataset import tfds_eval_split
 from alexnet_jax.data.image_folder import SPLITS as FOLDER_SPLITS
 from alexnet_jax.data.image_folder import display_name, list_image_folder
 from alexnet_jax.data.images import encode_jpeg, paper_square
@@ -57,8 +58,6 @@ from alexnet_jax.errors import (
 from alexnet_jax.files import atomic_write
 
 PLAN_FILE = "plan.json"
-# TFDS data sets whose evaluation split is called "validation" (others: "test").
-TFDS_EVAL_SPLITS = {"imagenet2012": "validation", "imagenette": "validation"}
 
 
 @dataclasses.dataclass
@@ -227,7 +226,7 @@ def plan_tfds(name: str, data_dir: str, output: str, options: Options, shard_siz
     label = builder.info.features["label"]
     classes = list(label.names) if hasattr(label, "names") else []
     tasks = []
-    for split, stored in (("train", "train"), (TFDS_EVAL_SPLITS.get(name, "test"), "val")):
+    for split, stored in (("train", "train"), (tfds_eval_split(name), "val")):
         size = _tfds_split_size(builder, split)
         count = max(1, -(-size // shard_size))
         for i in range(count):

@@ -40,7 +40,7 @@ from alexnet_jax.data.dataset import (
     shard,
     steps_per_epoch,
 )
-from alexnet_jax.errors import DataError
+from alexnet_jax.errors import ConfigError, DataError
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -81,7 +81,8 @@ class TFPipeline:
         self.devices = jax.local_device_count()
         self.local_batch = local_batch_size(config.batch_size)
         self.local_eval_batch = local_batch_size(config.eval_batch_size)
-        self.steps_per_epoch = steps_per_epoch(train.size, config)
+        # An evaluation set alone (ImageNet-V2, ReaL) has no training split.
+        self.steps_per_epoch = steps_per_epoch(train.size, config) if train else 0
         self.channels = 3 if config.grayscale_to_rgb else config.channels
         self.options = tf.data.Options()
         self.options.deterministic = True
@@ -106,13 +107,15 @@ class TFPipeline:
             num_classes=len(self.class_names),
             class_names=self.class_names,
             image_shape=(size, size, self.channels),
-            train_size=self.train.size,
+            train_size=self.train.size if self.train else 0,
             eval_size=self.evaluation.size,
             train_batches=self.train_batches,
             eval_batches=self.eval_batches,
             has_crops=True,
             resize_size=resize_size(self.config),
-            train_eval_batches=lambda: self.ordered_batches(self.train, "train", True),
+            train_eval_batches=(
+                (lambda: self.ordered_batches(self.train, "train", True)) if self.train else None
+            ),
         )
 
     # --- decoding ------------------------------------------------------------------------------
@@ -169,6 +172,11 @@ class TFPipeline:
         yield from full_batches(batches, filler, self.local_batch, needed, what)
 
     def train_batches(self, start_step: int) -> Iterator[Batch]:
+        if self.train is None:
+            raise ConfigError(
+                f"{self.name!r} is an evaluation set with no training split: use it with "
+                "--mode=eval on a workdir trained on ImageNet"
+            )
         epoch, skip = divmod(start_step, self.steps_per_epoch)
         while True:
             gaps = Gaps(skip * self.local_batch, self.train.local_size)
@@ -196,8 +204,10 @@ class TFPipeline:
         """One pass over ``split`` in its fixed order, as evaluation sees images."""
 
         def prepare(i, example):
-            image = self.eval_fn(self._encoded(split, example))
-            return {"image": image, "label": tf.cast(example["label"], tf.int32), "index": i}
+            out = {k: v for k, v in example.items() if k not in ("image", "label", "name")}
+            out["image"] = self.eval_fn(self._encoded(split, example))
+            out.update(label=tf.cast(example["label"], tf.int32), index=i)
+            return out  # with any other per-example field (ReaL's "real" labels)
 
         ds = split.examples(None, 0, 0).enumerate()
         ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)

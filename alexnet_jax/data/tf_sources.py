@@ -28,13 +28,14 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
-from alexnet_jax.data.dataset import Dataset, epoch_permutation, process_part
+from alexnet_jax.data.dataset import Dataset, epoch_permutation, process_part, tfds_eval_split
 from alexnet_jax.data.image_folder import FolderSplit, display_name, read_image_folder
 from alexnet_jax.data.tf_pipeline import RawSplit, TFPipeline
 from alexnet_jax.errors import DataError, MissingDataError
 
-EVAL_SPLITS = {"imagenet2012": "validation", "imagenette": "validation"}  # others: "test"
-MANUAL_DOWNLOAD = ("imagenet2012",)
+EVAL_ONLY_SPLITS = ("imagenet_v2", "imagenet2012_real")
+MULTI_LABEL = ("imagenet2012_real",)
+MANUAL_DOWNLOAD = ("imagenet2012", "imagenet2012_real")  # both read ImageNet's own archives
 
 
 # --- image folders -----------------------------------------------------------------------------
@@ -99,12 +100,23 @@ def image_folder_dataset(config: ml_collections.ConfigDict) -> Dataset:
 def tfds_dataset(config: ml_collections.ConfigDict) -> Dataset:
     """The TFDS data set ``config.dataset`` from ``config.data_dir``, prepared now if TFDS
     can download it and ``config.download`` allows."""
+    name = config.dataset.split("/")[0]  # e.g. imagenet_v2/threshold-0.7: a TFDS config
+    eval_split = tfds_eval_split(name)
     builder = ensure_prepared(
-        tfds.builder(config.dataset, data_dir=config.data_dir or None), config
+        tfds.builder(config.dataset, data_dir=config.data_dir or None), config, eval_split
     )
-    eval_split = EVAL_SPLITS.get(config.dataset, "test")
-    label = builder.info.features["label"]
+    multi_label = name in MULTI_LABEL
+    label_key = "original_label" if multi_label else "label"
+    label = builder.info.features[label_key]
     classes = list(label.names) if hasattr(label, "names") else []
+
+    def fields(ex):
+        out = {"image": ex["image"], "label": ex[label_key], "name": ex[key]}
+        if multi_label:  # the ReaL labels as a multi-hot (classes,) vector; empty: all 0
+            hot = tf.one_hot(ex["real_label"], len(classes), dtype=tf.uint8)
+            out["real"] = tf.reduce_max(hot, axis=0)
+        return out
+
     # ImageNet's records keep the original file name; other data sets name the record.
     key = "file_name" if "file_name" in builder.info.features else "tfds_id"
 
@@ -127,21 +139,22 @@ def tfds_dataset(config: ml_collections.ConfigDict) -> Dataset:
                 buffer = min(config.input.shuffle_buffer, local_size)
                 ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=False)
             ds = ds.skip(start)  # reads the records before ``start``; decodes none of them
-            return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"], "name": ex[key]})
+            return ds.map(fields)
 
         return RawSplit(examples, size, local_size)
 
-    return TFPipeline(config, config.dataset, classes, raw("train"), raw(eval_split)).dataset()
+    train = None if name in EVAL_ONLY_SPLITS else raw("train")
+    return TFPipeline(config, config.dataset, classes, train, raw(eval_split)).dataset()
 
 
-def ensure_prepared(builder, config: ml_collections.ConfigDict):
+def ensure_prepared(builder, config: ml_collections.ConfigDict, split: str = "train"):
     """The builder, its data downloaded and prepared with TFDS's own ``download_and_prepare``
     (and its progress bar) if it was not there yet; a clear one-line error where that cannot
     be done."""
     data_dir = config.data_dir or tfds.core.constants.DATA_DIR
-    if is_prepared(builder):
+    if is_prepared(builder, split):
         return builder
-    if config.dataset in MANUAL_DOWNLOAD:
+    if config.dataset.split("/")[0] in MANUAL_DOWNLOAD:
         raise MissingDataError(
             f"TFDS data set {config.dataset!r} is not prepared in data_dir {data_dir!r}. It "
             "needs a manual download: place ILSVRC2012_img_train.tar and "
@@ -167,7 +180,7 @@ def ensure_prepared(builder, config: ml_collections.ConfigDict):
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("tfds download")  # the others wait for process 0
     builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)  # re-read info
-    if not is_prepared(builder):
+    if not is_prepared(builder, split):
         raise MissingDataError(
             f"TFDS data set {config.dataset!r} is still not readable in {data_dir!r} after "
             "download_and_prepare (a data_dir that the processes do not share?)"
@@ -175,9 +188,9 @@ def ensure_prepared(builder, config: ml_collections.ConfigDict):
     return builder
 
 
-def is_prepared(builder) -> bool:
+def is_prepared(builder, split: str = "train") -> bool:
     try:
-        builder.as_dataset(split="train[:1]")
+        builder.as_dataset(split=f"{split}[:1]")
     except Exception:  # noqa: BLE001 - TFDS raises several types for missing data
         return False
     return True
