@@ -1,20 +1,28 @@
-"""Our train step against PyTorch's, side by side, in one run on one machine.
+"""Our steps against PyTorch at its best, side by side, in one run on one machine.
 
-    python benchmarks/compare_pytorch.py [--device cpu|gpu] [--variant paper|torchvision]
-        [--batch 32] [--precision fp32|bf16] [--steps 10] [--repeats 5] [--json]
+    python benchmarks/compare_pytorch.py [--device cpu|gpu] [--variant paper,torchvision]
+        [--precision fp32,bf16] [--batch 32] [--steps 5] [--repeats 5] [--json]
 
-JAX: the real pmap-ed steps of ``alexnet_jax.steps`` (``make_train_step``,
-``make_eval_step``: what ``main.py`` runs), on one device of the platform (PyTorch runs on
-one), on uint8 images already on the device (normalized inside the step, as in training).
-PyTorch: the same architecture (LRN as ``nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75,
-k=2)``, the paper's alpha x size), the same batch, SGD with momentum 0.9 and weight decay
-5e-4, cross-entropy; on a GPU at its best: channels_last, AMP bfloat16 autocast and
-``torch.compile``. Both are warmed up, then each repeat times ``--steps`` steps; the median
-repeat is reported, alternating the frameworks so that a slower machine phase hits both.
-Evaluation (forward only, center crop) is timed the same way.
+JAX: the real pmap-ed steps of ``alexnet_jax.steps`` (what ``main.py`` runs), on one device
+(PyTorch runs on one; on a CPU one XLA device uses every core, as PyTorch's threads do), on
+uint8 images normalized inside the step; bf16 is ``config.half_precision`` (bfloat16
+compute, float32 parameters and optimizer state).
 
-On a GPU it also prints the achieved TFLOP/s (3x the forward FLOPs for a train step,
-counted from the layer shapes) and the share of the device's dense bfloat16 peak.
+PyTorch: the same network (LRN as ``nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)``,
+the paper's alpha x size), SGD with momentum 0.9 and weight decay 5e-4, cross-entropy, in
+every mode a PyTorch user would turn on: ``eager``, ``channels_last``, ``compile``
+(``torch.compile`` of the network, inductor, on the CPU too) and ``compile+cl`` (both);
+bf16 is ``torch.autocast`` (bfloat16 compute, float32 parameters) in each of them. The
+ratio is ours against the fastest PyTorch mode, for training and for evaluation (forward
+only, center crop).
+
+All runners are warmed up (compiled), then each repeat times ``--steps`` steps of each in
+turn, so that a slower phase of the machine hits all of them; the median repeat counts. The
+machine's own ceiling is measured in the same run: a large matmul in float32 and bfloat16,
+in JAX and in PyTorch (the faster counts), and each runner's achieved GFLOP/s (3x the
+forward FLOPs for a train step, counted from the layer shapes) is given as a share of it.
+``--json`` ends with one JSON line holding, per variant and precision, every figure and
+``ratio`` (ours / PyTorch's best).
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from alexnet_jax import model as model_lib
@@ -33,19 +43,18 @@ from alexnet_jax import normalization, optim, steps
 from alexnet_jax.defaults import default_config
 
 IMAGE_SIZE = {"paper": 227, "torchvision": 224}
-# Dense bfloat16 peaks (no sparsity), TFLOP/s, by a substring of the device name.
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0}
+TORCH_MODES = ("eager", "channels_last", "compile", "compile+cl")
 
 
-def jax_config(args):
+def jax_config(variant: str, precision: str, batch: int):
     config = default_config()
     config.dataset = "synthetic"
     config.num_classes = 1000
     config.channels = 3
-    config.image_size = IMAGE_SIZE[args.variant]
-    config.batch_size = config.eval_batch_size = args.batch
-    config.half_precision = args.precision == "bf16"
-    config.model.variant = args.variant
+    config.image_size = IMAGE_SIZE[variant]
+    config.batch_size = config.eval_batch_size = batch
+    config.half_precision = precision == "bf16"
+    config.model.variant = variant
     config.model.initializer = None  # the variant's own
     config.input.normalization = "mean_std"
     config.lr_schedule = "constant"
@@ -68,21 +77,57 @@ def forward_flops(variant: str, size: int, num_classes: int = 1000) -> float:
     return flops
 
 
-def time_repeats(run, steps: int) -> float:
-    """Seconds for ``steps`` calls of ``run`` (which blocks at its end)."""
+def time_repeats(run: Callable[[int], None], steps_: int) -> float:
+    """Seconds for ``steps_`` calls of ``run`` (which blocks at its end)."""
     start = time.perf_counter()
-    run(steps)
+    run(steps_)
     return time.perf_counter() - start
+
+
+# --- the machine's ceiling -------------------------------------------------------------------
+
+
+def matmul_peak(platform_name: str, size: int, repeats: int = 5) -> dict[str, float]:
+    """GFLOP/s of a size^3 matmul, float32 and bfloat16, in JAX (with XLA's defaults, and
+    with the options the steps compile with) and in PyTorch; "fp32" and "bf16" the best."""
+    import torch
+
+    peaks: dict[str, float] = {}
+    device = jax.devices(platform_name)[0]
+    flops = 2 * size**3
+    variants = {"jax": {}}
+    if platform_name == "cpu":
+        variants["jax_steps_options"] = dict(steps.CPU_COMPILER_OPTIONS)
+    for name in ("fp32", "bf16"):
+        x = jax.device_put(jnp.ones((size, size), jnp.float32 if name == "fp32" else jnp.bfloat16),
+                           device)  # fmt: skip
+        for label, options in variants.items():
+            f = jax.jit(jnp.dot, compiler_options=options or None)
+            jax.block_until_ready(f(x, x))
+            seconds = min(time_repeats(lambda n, f=f, x=x: jax.block_until_ready(f(x, x)), 1)
+                          for _ in range(repeats))  # fmt: skip
+            peaks[f"{label}_{name}"] = flops / seconds / 1e9
+        torch_device = "cuda" if platform_name == "gpu" else "cpu"
+        t = torch.ones((size, size), device=torch_device,
+                       dtype=torch.float32 if name == "fp32" else torch.bfloat16)  # fmt: skip
+
+        def torch_matmul(n: int, t=t) -> None:
+            (t @ t).sum().item()
+
+        torch_matmul(1)
+        seconds = min(time_repeats(torch_matmul, 1) for _ in range(repeats))
+        peaks[f"torch_{name}"] = flops / seconds / 1e9
+    peaks["fp32"] = max(v for k, v in peaks.items() if k.endswith("fp32"))
+    peaks["bf16"] = max(v for k, v in peaks.items() if k.endswith("bf16"))
+    return peaks
 
 
 # --- JAX -------------------------------------------------------------------------------------
 
 
-def jax_runner(args, platform_name: str):
-    # One device, as PyTorch gets: the pmap-ed step over 1 GPU against PyTorch on 1 GPU (on a
-    # CPU, one XLA device uses every core, as PyTorch's threads do).
+def jax_runner(variant: str, precision: str, batch: int, platform_name: str):
     devices = jax.devices(platform_name)[:1]
-    config = jax_config(args)
+    config = jax_config(variant, precision, batch)
     size = config.image_size
     model = steps.create_model(config, config.num_classes)
     with jax.default_device(devices[0]):
@@ -94,20 +139,18 @@ def jax_runner(args, platform_name: str):
     mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     rng = np.random.default_rng(0)
-    per = args.batch // len(devices)
-    images = rng.integers(0, 256, (len(devices), per, size, size, 3), dtype=np.uint8)
-    labels = rng.integers(0, 1000, (len(devices), per), dtype=np.int32)
-    batch = jax.device_put({"image": images, "label": labels}, sharding)
+    images = rng.integers(0, 256, (1, batch, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 1000, (1, batch), dtype=np.int32)
+    train_batch = jax.device_put({"image": images, "label": labels}, sharding)
     eval_batch = jax.device_put(
-        {"image": images, "label": labels, "mask": np.ones((len(devices), per), np.float32)},
-        sharding,
+        {"image": images, "label": labels, "mask": np.ones((1, batch), np.float32)}, sharding
     )
     holder = {"state": state}
 
     def train_steps(n: int) -> None:
         metrics = None
         for _ in range(n):
-            holder["state"], metrics = p_train(holder["state"], batch)
+            holder["state"], metrics = p_train(holder["state"], train_batch)
         jax.block_until_ready((holder["state"].params, metrics))
 
     def eval_steps(n: int) -> None:
@@ -116,7 +159,7 @@ def jax_runner(args, platform_name: str):
             out = p_eval(holder["state"], eval_batch)
         jax.block_until_ready(out)
 
-    return train_steps, eval_steps, f"{len(devices)} x {devices[0].device_kind}"
+    return train_steps, eval_steps
 
 
 # --- PyTorch ---------------------------------------------------------------------------------
@@ -152,31 +195,34 @@ def torch_alexnet(variant: str, num_classes: int = 1000):
     return nn.Sequential(*layers)
 
 
-def torch_runner(args, gpu: bool):
+def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool):
+    """PyTorch's train and eval steps in ``mode`` (see ``TORCH_MODES``)."""
     import torch
 
     torch.manual_seed(0)
     device = torch.device("cuda" if gpu else "cpu")
-    size = IMAGE_SIZE[args.variant]
-    net = torch_alexnet(args.variant).to(device)
-    memory_format = torch.channels_last if gpu else torch.contiguous_format
+    size = IMAGE_SIZE[variant]
+    net = torch_alexnet(variant).to(device)
+    channels_last = mode in ("channels_last", "compile+cl")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8,
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
                            generator=generator).to(device)  # fmt: skip
-    labels = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
+    labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
-    autocast = args.precision == "bf16"
+    autocast = precision == "bf16"
+    compiled = torch.compile(net) if mode.startswith("compile") else net
 
     def normalize(x):
         return ((x.float() - mean) / std).contiguous(memory_format=memory_format)
 
     def step(x, y):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_fn(net(normalize(x)), y)
+            loss = loss_fn(compiled(normalize(x)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -184,11 +230,7 @@ def torch_runner(args, gpu: bool):
 
     def forward(x):
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            return net(normalize(x)).float().softmax(-1)
-
-    if gpu:
-        step = torch.compile(step)
-        forward = torch.compile(forward)
+            return compiled(normalize(x)).float().softmax(-1)
 
     def sync():
         if gpu:
@@ -208,95 +250,128 @@ def torch_runner(args, gpu: bool):
         out.sum().item()
         sync()
 
-    name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
-    return train_steps, eval_steps, name
+    return train_steps, eval_steps
 
 
 # --- the comparison --------------------------------------------------------------------------
 
 
-def measure(runners: dict, args, which: int) -> dict[str, float]:
+def measure(runners: dict, steps_: int, repeats: int, warmup: int, batch: int, which: int):
     """Median images/s of each runner's train (which=0) or eval (which=1) steps."""
     for runner in runners.values():
-        runner[which](args.warmup)  # compile and warm up
+        runner[which](warmup)  # compile and warm up
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.repeats):
-        for name, runner in runners.items():  # alternate: machine noise hits both
-            times[name].append(time_repeats(runner[which], args.steps))
-    return {name: args.steps * args.batch / statistics.median(t) for name, t in times.items()}
+    for _ in range(repeats):
+        for name, runner in runners.items():  # alternate: machine noise hits all of them
+            times[name].append(time_repeats(runner[which], steps_))
+    return {name: steps_ * batch / statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
+def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
+    runners = {"jax": jax_runner(variant, precision, args.batch, platform_name)}
+    for mode in args.torch_modes:
+        runners[f"torch_{mode}"] = torch_runner(variant, precision, args.batch, mode, gpu)
+    train = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 0)
+    evaluation = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 1)
+    torch_names = [n for n in runners if n != "jax"]
+    best_train = max(torch_names, key=train.get)
+    best_eval = max(torch_names, key=evaluation.get)
+    fwd = forward_flops(variant, IMAGE_SIZE[variant])
+    result = {
+        "variant": variant,
+        "precision": precision,
+        "train_img_s": {n: round(v, 2) for n, v in train.items()},
+        "eval_img_s": {n: round(v, 2) for n, v in evaluation.items()},
+        "best_torch_train": best_train,
+        "best_torch_eval": best_eval,
+        "ratio": round(train["jax"] / train[best_train], 3),
+        "eval_ratio": round(evaluation["jax"] / evaluation[best_eval], 3),
+        "train_gflops": {n: round(v * 3 * fwd / 1e9, 1) for n, v in train.items()},
+        "eval_gflops": {n: round(v * fwd / 1e9, 1) for n, v in evaluation.items()},
+    }
+    result["train_peak_share"] = {
+        n: round(g / peak[precision], 3) for n, g in result["train_gflops"].items()
+    }
+    return result
+
+
+def print_result(result: dict) -> None:
+    print(f"\n{result['variant']}, {result['precision']}: images/s (GFLOP/s, share of the "
+          f"{result['precision']} peak)")  # fmt: skip
+    print(f"  {'':16}{'train':>26}{'eval':>12}")
+    for name, rate in result["train_img_s"].items():
+        share = result["train_peak_share"][name]
+        evaluation = result["eval_img_s"][name]
+        print(f"  {name:16}{rate:9.1f} ({result['train_gflops'][name]:6.1f}, {share:5.1%})"
+              f"{evaluation:12.1f}")  # fmt: skip
+    print(f"  ours / PyTorch's best: train {result['ratio']:.3f} (against "
+          f"{result['best_torch_train']}), eval {result['eval_ratio']:.3f} (against "
+          f"{result['best_torch_eval']})")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--variant", choices=["paper", "torchvision"], default="paper")
+    parser.add_argument("--variant", default="paper,torchvision", help="comma-separated")
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--torch_modes", default=",".join(TORCH_MODES), help="comma-separated")
+    parser.add_argument("--peak_size", type=int, default=0, help="matmul side (0: by device)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    variants = args.variant.split(",")
+    precisions = args.precision.split(",")
+    args.torch_modes = [m for m in args.torch_modes.split(",") if m]
+    for value, allowed, flag in ((variants, IMAGE_SIZE, "--variant"),
+                                 (precisions, ("fp32", "bf16"), "--precision"),
+                                 (args.torch_modes, TORCH_MODES, "--torch_modes")):  # fmt: skip
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            parser.error(f"{flag}: {bad} not among {list(allowed)}")
 
     import torch
 
     gpu = args.device == "gpu"
     if gpu and not torch.cuda.is_available():
-        raise SystemExit("--device gpu: PyTorch sees no CUDA device")
+        raise SystemExit("--device gpu: PyTorch sees no CUDA device (the GPU modes are skipped)")
     platform_name = "gpu" if gpu else "cpu"
     try:
-        jax.devices(platform_name)
+        jax_device = jax.devices(platform_name)[0]
     except RuntimeError as error:
         raise SystemExit(f"--device {args.device}: JAX has no such device ({error})") from error
-
-    jax_train, jax_eval, jax_device = jax_runner(args, platform_name)
-    torch_train, torch_eval, torch_device = torch_runner(args, gpu)
-    runners = {"jax": (jax_train, jax_eval), "torch": (torch_train, torch_eval)}
-    train_speed = measure(runners, args, 0)
-    eval_speed = measure(runners, args, 1)
-
-    result = {
+    torch_device = (
+        torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"JAX {jax.__version__} on {jax_device.device_kind}; PyTorch {torch.__version__} on "
+          f"{torch_device}; batch {args.batch}")  # fmt: skip
+    peak = matmul_peak(platform_name, args.peak_size or (8192 if gpu else 2048))
+    print("matmul peak, GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    results = []
+    for variant in variants:
+        for precision in precisions:
+            result = compare(variant, precision, args, platform_name, gpu, peak)
+            print_result(result)
+            results.append(result)
+    summary = {
         "device": args.device,
-        "variant": args.variant,
-        "batch": args.batch,
-        "precision": args.precision,
-        "jax_img_s": round(train_speed["jax"], 1),
-        "torch_img_s": round(train_speed["torch"], 1),
-        "ratio": round(train_speed["jax"] / train_speed["torch"], 3),
-        "jax_eval_img_s": round(eval_speed["jax"], 1),
-        "torch_eval_img_s": round(eval_speed["torch"], 1),
-        "eval_ratio": round(eval_speed["jax"] / eval_speed["torch"], 3),
-        "jax_device": jax_device,
+        "jax_device": jax_device.device_kind,
         "torch_device": torch_device,
+        "batch": args.batch,
+        "peak_gflops": {k: round(v, 1) for k, v in peak.items()},
+        "results": results,
+        "ratio": min(r["ratio"] for r in results),  # the worst case over what was measured
         "versions": {
             "python": platform.python_version(),
             "jax": jax.__version__,
             "torch": torch.__version__,
-        },
+        },  # fmt: skip
     }
-    if gpu:
-        flops = 3 * forward_flops(args.variant, IMAGE_SIZE[args.variant])
-        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch_device), None)
-        for name in ("jax", "torch"):
-            tflops = train_speed[name] * flops / 1e12
-            result[f"{name}_tflops"] = round(tflops, 1)
-            if peak:
-                result[f"{name}_peak_fraction"] = round(tflops / peak, 3)
-
-    print(f"AlexNet {args.variant}, batch {args.batch}, {args.precision}, {args.device}")
-    print(f"  JAX:     {jax_device} (jax {jax.__version__})")
-    print(f"  PyTorch: {torch_device} (torch {torch.__version__})")
-    print(f"{'':8}{'train img/s':>14}{'eval img/s':>14}")
-    for name in ("jax", "torch"):
-        print(f"{name:8}{train_speed[name]:14.1f}{eval_speed[name]:14.1f}")
-    print(f"{'ratio':8}{result['ratio']:14.3f}{result['eval_ratio']:14.3f}")
-    if gpu:
-        for name in ("jax", "torch"):
-            share = result.get(f"{name}_peak_fraction")
-            print(f"{name}: {result[f'{name}_tflops']} TFLOP/s"
-                  + (f", {share:.1%} of the bf16 peak" if share else ""))  # fmt: skip
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":

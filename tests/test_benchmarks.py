@@ -54,3 +54,35 @@ def test_the_benchmark_does_not_import_tensorflow():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_gpu_path_parses_and_stops_cleanly_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the GPU path runs for real")
+    with pytest.raises(SystemExit, match="PyTorch sees no CUDA device"):
+        compare_pytorch.main(["--device", "gpu", "--precision", "bf16", "--batch", "512"])
+    with pytest.raises(SystemExit):
+        compare_pytorch.main(["--torch_modes", "eager,jit"])  # not a PyTorch mode here
+
+
+@pytest.mark.slow
+def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
+    summary = compare_pytorch.main(
+        ["--variant", "torchvision", "--precision", "fp32", "--batch", "2", "--steps", "1",
+         "--repeats", "1", "--warmup", "1", "--torch_modes", "eager,channels_last",
+         "--peak_size", "256", "--json"]
+    )  # fmt: skip
+    (result,) = summary["results"]
+    assert set(result["train_img_s"]) == {"jax", "torch_eager", "torch_channels_last"}
+    best = max(("torch_eager", "torch_channels_last"), key=result["train_img_s"].get)
+    assert result["best_torch_train"] == best
+    assert result["ratio"] == pytest.approx(
+        result["train_img_s"]["jax"] / result["train_img_s"][best], rel=1e-2
+    )
+    assert summary["peak_gflops"]["fp32"] >= summary["peak_gflops"]["torch_fp32"] > 0
+    flops = 3 * compare_pytorch.forward_flops("torchvision", 224)
+    assert result["train_gflops"]["jax"] == pytest.approx(
+        result["train_img_s"]["jax"] * flops / 1e9, rel=1e-2
+    )
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert '"ratio"' in last and last.startswith("{")
