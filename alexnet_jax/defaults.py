@@ -78,8 +78,8 @@ def default_config() -> ml_collections.ConfigDict:
     config.init_from = ""
     config.init_from_checkpoint = "best"  # best | latest | a step number
     config.half_precision = False  # bfloat16 computation, float32 parameters and optimizer
-    # True keeps XLA:CPU's YNNPACK convolution fusions (slower for AlexNet on CPU; see
-    # benchmarks/README.md)
+    # True keeps all of XLA:CPU's YNNPACK fusions (its convolutions are slower for AlexNet);
+    # False, YNNPACK for dots only. See benchmarks/README.md.
     config.xla_cpu_ynn_fusions = False
 
     # Optimizer (alexnet_jax/optim.py): the paper's SGD.

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from alexnet_jax.layers import Conv, max_pool, mixed_dot_general
 from alexnet_jax.lrn import LocalResponseNorm
 from alexnet_jax.vgg import VGG, VGG11_ARCH
 
@@ -232,7 +233,7 @@ class AlexNet(nn.Module):
             name = f"conv{index + 1}"
             groups = self.groups if conv.grouped else 1
             fan_in = conv.kernel * conv.kernel * x.shape[-1] // groups
-            x = nn.Conv(
+            x = Conv(
                 conv.features,
                 (conv.kernel, conv.kernel),
                 strides=(conv.stride, conv.stride),
@@ -248,7 +249,7 @@ class AlexNet(nn.Module):
                 lrn = LocalResponseNorm(self.lrn_size, self.lrn_k, self.lrn_alpha, self.lrn_beta)
                 x = lrn(x)
             if conv.pool:
-                x = nn.max_pool(x, window_shape=window, strides=(2, 2), padding="VALID")
+                x = max_pool(x, window, (2, 2))
             self.sow("intermediates", f"{name}_out", x)
 
         if spec.adaptive_pool:
@@ -261,6 +262,7 @@ class AlexNet(nn.Module):
             x = nn.Dense(
                 features,
                 dtype=self.dtype,
+                dot_general=mixed_dot_general,
                 kernel_init=kernel_init,
                 bias_init=_bias_init(init, spec.fc_biases[index], x.shape[-1]),
                 name=name,
@@ -272,6 +274,7 @@ class AlexNet(nn.Module):
         x = nn.Dense(
             self.num_classes,
             dtype=self.dtype,
+            dot_general=mixed_dot_general,
             kernel_init=kernel_init,
             bias_init=_bias_init(init, 0.0, x.shape[-1]),
             name="fc8",

@@ -32,10 +32,17 @@ from alexnet_jax.normalization import Normalizer
 
 AXIS = "batch"
 
-# XLA:CPU (jax 0.10) runs convolutions through YNNPACK fusions, which are much slower than
-# its Eigen convolutions for AlexNet's shapes (measurements: benchmarks/README.md). The steps
-# are compiled with this option on CPU unless config.xla_cpu_ynn_fusions is True.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU (jax 0.10) hands convolutions, dots and elementwise work to YNNPACK fusions by
+# default. Its convolutions are much slower than XLA's own Eigen ones for AlexNet's shapes; its
+# dots are faster in the backward pass of the fully connected layers and for bfloat16 x
+# bfloat16 -> float32 products (the CPU's bfloat16 units), slower for a float32 forward pass at
+# small batches. So on CPU, unless config.xla_cpu_ynn_fusions is True (XLA's defaults), the
+# train step and bfloat16 steps keep YNNPACK for individual dots only, and float32 forward-only
+# steps (evaluation, prediction) use none. Measurements: benchmarks/README.md.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+}
+CPU_FORWARD_FP32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 class TrainState(struct.PyTreeNode):
@@ -95,6 +102,12 @@ def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(rng, step), lax.axis_index(AXIS))
 
 
+def mean_over_devices(tree: Any) -> Any:
+    """``lax.pmean`` over the batch axis; on a single device, ``tree`` itself (XLA:CPU copies
+    every gradient through a one-device all-reduce)."""
+    return tree if lax.axis_size(AXIS) == 1 else lax.pmean(tree, AXIS)
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -123,9 +136,9 @@ def train_step(
         return per_example["loss"].mean(), per_example
 
     (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, AXIS)
+    grads = mean_over_devices(grads)
     learning_rate = learning_rate_fn(step) * state.plateau["scale"]
-    metrics = lax.pmean({k: v.mean() for k, v in per_example.items()}, AXIS)
+    metrics = mean_over_devices({k: v.mean() for k, v in per_example.items()})
     # A non-finite loss or gradient leaves the state as it was and records the step; the
     # host stops the run at its next check, so no checkpoint ever holds NaNs. lax.cond runs
     # the update only when it is finite (cheaper than selecting every parameter).
@@ -224,25 +237,33 @@ def make_eval_step(
         in_axes=(None, 0),
         devices=devices,
     )
-    return with_compiler_options(p_eval_step, config, devices)
+    return with_compiler_options(p_eval_step, config, devices, forward_only=True)
 
 
-def with_compiler_options(pmapped: Callable, config: ml_collections.ConfigDict, devices=None):
+def with_compiler_options(
+    pmapped: Callable, config: ml_collections.ConfigDict, devices=None, forward_only=False
+):
     """``pmapped`` compiled with ``compiler_options`` where there are any; as it is otherwise.
 
     Single-process only, where arguments can be moved to the executable's shardings (several
     processes keep pmap's own placement)."""
-    options = compiler_options(config, devices) if jax.process_count() == 1 else {}
+    single = jax.process_count() == 1
+    options = compiler_options(config, devices, forward_only) if single else {}
     return CompiledWithOptions(pmapped, options) if options else pmapped
 
 
-def compiler_options(config: ml_collections.ConfigDict, devices: list | None = None) -> dict:
-    """XLA options for the steps on ``devices`` (default: the local ones): on CPU, no YNNPACK
-    convolutions unless ``config.xla_cpu_ynn_fusions``; none elsewhere."""
+def compiler_options(
+    config: ml_collections.ConfigDict, devices: list | None = None, forward_only: bool = False
+) -> dict:
+    """XLA options for a step on ``devices`` (default: the local ones): on CPU, unless
+    ``config.xla_cpu_ynn_fusions``, YNNPACK for dots only, or for none in a float32 step with
+    no backward pass (``forward_only``); none elsewhere."""
     platform = (devices or jax.local_devices())[0].platform
-    if platform == "cpu" and not config.get("xla_cpu_ynn_fusions", False):
-        return dict(CPU_COMPILER_OPTIONS)
-    return {}
+    if platform != "cpu" or config.get("xla_cpu_ynn_fusions", False):
+        return {}
+    if forward_only and not config.get("half_precision", False):
+        return dict(CPU_FORWARD_FP32_OPTIONS)
+    return dict(CPU_COMPILER_OPTIONS)
 
 
 class CompiledWithOptions:

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from alexnet_jax.layers import max_pool, mixed_dot_general
+
 VGG11_ARCH = ((1, 64), (1, 128), (2, 256), (2, 512), (2, 512))
 
 
@@ -56,13 +58,17 @@ class VGG(nn.Module):
                     name=f"block{block + 1}_conv{conv + 1}",
                 )(x)
                 x = nn.relu(x)
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool(x, (2, 2), (2, 2))
         x = x.reshape((x.shape[0], -1))
         for index in range(2):
-            x = nn.Dense(4096, dtype=self.dtype, name=f"fc{index + 1}")(x)
+            x = nn.Dense(
+                4096, dtype=self.dtype, dot_general=mixed_dot_general, name=f"fc{index + 1}"
+            )(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="fc3")(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, dot_general=mixed_dot_general, name="fc3")(
+            x
+        )
         return x.astype(jnp.float32)
 
 

@@ -267,7 +267,20 @@ def measure(runners: dict, steps_: int, repeats: int, warmup: int, batch: int, w
     return {name: steps_ * batch / statistics.median(t) for name, t in times.items()}
 
 
+def fresh_torch_compiler() -> None:
+    """Forgets earlier torch.compile graphs and allows enough of them: each compiled mode
+    compiles for training and evaluation (grad mode, autocast), and past the default limit
+    of 8 TorchDynamo silently runs the network eagerly."""
+    import torch
+
+    torch._dynamo.reset()
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(64, getattr(config, name)))
+
+
 def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
+    fresh_torch_compiler()  # the previous variant's graphs are not run again
     runners = {"jax": jax_runner(variant, precision, args.batch, platform_name)}
     for mode in args.torch_modes:
         runners[f"torch_{mode}"] = torch_runner(variant, precision, args.batch, mode, gpu)

@@ -1,0 +1,228 @@
+"""Max-pooling and a mixed-precision matrix product, with their backward passes written out.
+
+Both compute what ``flax.linen.max_pool`` and ``flax.linen.Dense`` compute; they exist for
+speed, chiefly on the CPU (``benchmarks/README.md`` has the measurements):
+
+- ``max_pool``: the maximum of the window's strided slices, which XLA fuses into one loop.
+  Automatic differentiation of ``lax.reduce_window`` gives ``select_and_scatter``, which
+  XLA:CPU runs several times slower than the layer's forward pass; the backward here routes
+  each output's gradient to the first position in its window that holds the maximum (the
+  same position ``select_and_scatter`` picks, ties included) with masked, padded slices.
+  Comparisons and sums run in at least float32: XLA:CPU emulates bfloat16 arithmetic.
+- ``mixed_dot_general``: a ``dot_general`` for ``flax.linen.Dense(dot_general=...)`` that
+  multiplies bfloat16 operands with float32 accumulation, forward and backward. A plain
+  bfloat16 ``dot_general`` makes XLA:CPU convert both operands to float32 and multiply in
+  float32; asked for a float32 result from bfloat16 operands, it hands the product to a
+  library kernel that uses the CPU's bfloat16 instructions. Automatic differentiation
+  would multiply the float32 cotangent with a bfloat16 operand (float32 speed), so the
+  backward rounds the cotangent to the operands' dtype first, as mixed-precision training
+  does. Float32 operands take the plain product.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
+
+
+def _window_slices(
+    x: jax.Array, window: tuple[int, int], strides: tuple[int, int]
+) -> Iterator[tuple[int, int, jax.Array]]:
+    """(row offset, column offset, strided slice) for each position of a VALID window, in
+    row-major order over the window."""
+    n, height, width, channels = x.shape
+    out_h = (height - window[0]) // strides[0] + 1
+    out_w = (width - window[1]) // strides[1] + 1
+    for i in range(window[0]):
+        for j in range(window[1]):
+            end = (n, i + strides[0] * (out_h - 1) + 1, j + strides[1] * (out_w - 1) + 1, channels)
+            yield i, j, lax.slice(x, (0, i, j, 0), end, (1, strides[0], strides[1], 1))
+
+
+def max_pool(
+    x: jax.Array, window: tuple[int, int] = (3, 3), strides: tuple[int, int] = (2, 2)
+) -> jax.Array:
+    """VALID max-pooling of NHWC ``x``: ``nn.max_pool(x, window, strides, "VALID")``."""
+    window, strides = tuple(int(w) for w in window), tuple(int(s) for s in strides)
+    if x.ndim != 4:
+        raise ValueError(f"max_pool expects NHWC input, got shape {x.shape}")
+    if min(window) < 1 or min(strides) < 1:
+        raise ValueError(f"max_pool window {window} and strides {strides} must be positive")
+    if x.shape[1] < window[0] or x.shape[2] < window[1]:
+        raise ValueError(f"max_pool window {window} is larger than the input {x.shape[1:3]}")
+    return _max_pool(x, window, strides, tuple(x.shape))
+
+
+def _wide(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _max_and_first_argmax(x, window, strides):
+    """The window maxima and, for each, the index (row-major within the window) of the first
+    position that holds it."""
+    out, index = None, None
+    for position, (_, _, piece) in enumerate(_window_slices(_wide(x), window, strides)):
+        if out is None:
+            dtype = jnp.int8 if window[0] * window[1] <= 127 else jnp.int32
+            out, index = piece, jnp.zeros(piece.shape, dtype)
+        else:
+            larger = piece > out  # strictly: a tie keeps the earlier position
+            out = jnp.where(larger, piece, out)
+            index = jnp.where(larger, jnp.asarray(position, index.dtype), index)
+    return out.astype(x.dtype), index
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], shape) -> jax.Array:
+    out = None
+    for _, _, piece in _window_slices(_wide(x), window, strides):
+        out = piece if out is None else jnp.maximum(out, piece)
+    return out.astype(x.dtype)
+
+
+def _max_pool_fwd(x, window, strides, shape):
+    # The backward keeps only where each maximum came from (one byte per output), not the
+    # input.
+    # The barrier makes XLA store the index once rather than fuse its computation (and the
+    # input's) into each of the backward's window positions.
+    out, index = lax.optimization_barrier(_max_and_first_argmax(x, window, strides))
+    return out, index
+
+
+def _max_pool_bwd(window, strides, shape, index, g):
+    # Each input row h = stride * a + phase receives from the window offsets i = phase +
+    # stride * t of output rows a - t (columns likewise): per phase, a sum of shifted masked
+    # gradients, then the phases interleaved. No zero-stuffed intermediate arrays.
+    n, height, width, channels = shape
+    out_h, out_w = index.shape[1:3]
+    rows, cols = -(-height // strides[0]), -(-width // strides[1])  # per phase
+    wide = _wide(g)
+    zero = jnp.zeros((), wide.dtype)
+    phases = []
+    for row_phase in range(strides[0]):
+        phase_row = []
+        for col_phase in range(strides[1]):
+            total = jnp.zeros((n, rows, cols, channels), wide.dtype)
+            for i in range(row_phase, window[0], strides[0]):
+                for j in range(col_phase, window[1], strides[1]):
+                    t, u = (i - row_phase) // strides[0], (j - col_phase) // strides[1]
+                    routed = jnp.where(index == i * window[1] + j, wide, zero)
+                    pads = ((0, 0, 0), (t, rows - out_h - t, 0), (u, cols - out_w - u, 0),
+                            (0, 0, 0))  # fmt: skip
+                    total = total + lax.pad(routed, zero, pads)
+            phase_row.append(total)
+        phases.append(jnp.stack(phase_row, axis=3))  # (n, rows, cols, stride, channels)
+    grad = jnp.stack(phases, axis=2)  # (n, rows, stride, cols, stride, channels)
+    grad = grad.reshape(n, rows * strides[0], cols * strides[1], channels)
+    return (grad[:, :height, :width, :].astype(g.dtype),)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def mixed_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """``lax.dot_general`` with float32 accumulation of bfloat16 (or float16) operands, in the
+    backward pass too; the result has the operands' dtype. Same signature as
+    ``lax.dot_general``, so it can be ``flax.linen.Dense(dot_general=...)``."""
+    (contract_l, contract_r), (batch_l, batch_r) = dimension_numbers
+    narrow = lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float16)
+    plain_dense = (
+        lhs.ndim == 2 and rhs.ndim == 2 and tuple(contract_l) == (1,)
+        and tuple(contract_r) == (0,) and not batch_l and not batch_r
+    )  # fmt: skip
+    if not (narrow and plain_dense):
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
+    return _mixed_matmul(lhs, rhs)
+
+
+def _accumulate(a, b, contract):
+    return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _mixed_matmul(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+    return _accumulate(lhs, rhs, ((1,), (0,))).astype(lhs.dtype)
+
+
+def _mixed_matmul_fwd(lhs, rhs):
+    return _mixed_matmul(lhs, rhs), (lhs, rhs)
+
+
+def _mixed_matmul_bwd(residuals, g):
+    lhs, rhs = residuals
+    g = g.astype(lhs.dtype)
+    d_lhs = _accumulate(g, rhs, ((1,), (1,))).astype(lhs.dtype)  # g @ rhs.T
+    d_rhs = _accumulate(lhs, g, ((0,), (0,))).astype(rhs.dtype)  # lhs.T @ g
+    return d_lhs, d_rhs
+
+
+_mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def bias_add(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x + bias`` over the last axis; the bias gradient is a product with a vector of ones,
+    which XLA:CPU runs about twenty times faster than the equivalent sum over the batch and
+    spatial axes."""
+    return _bias_add(x, bias)
+
+
+@jax.custom_vjp
+def _bias_add(x: jax.Array, bias: jax.Array) -> jax.Array:
+    return x + bias.astype(x.dtype)
+
+
+def _bias_add_fwd(x, bias):
+    return _bias_add(x, bias), jnp.zeros((0,), bias.dtype)  # only the dtype is needed
+
+
+def _bias_add_bwd(empty, g):
+    rows = g.reshape(-1, g.shape[-1])
+    ones = jnp.ones((1, rows.shape[0]), g.dtype)
+    d_bias = _accumulate(ones, rows, ((1,), (0,)))[0]
+    return g, d_bias.astype(empty.dtype)
+
+
+_bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
+
+
+class Conv(nn.Module):
+    """``flax.linen.Conv`` for NHWC images with explicit padding, with the same parameters
+    (``kernel`` HWIO, ``bias``) and result; its bias is added by ``bias_add``."""
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
+    feature_group_count: int = 1
+    dtype: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.feature_group_count or self.features % self.feature_group_count:
+            raise ValueError(
+                f"feature_group_count={self.feature_group_count} must divide the input "
+                f"channels ({channels}) and the features ({self.features})"
+            )
+        shape = (*self.kernel_size, channels // self.feature_group_count, self.features)
+        kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=tuple(self.strides),
+            padding=[tuple(p) for p in self.padding],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.feature_group_count,
+        )
+        return bias_add(y, bias)
