@@ -44,6 +44,7 @@ from alexnet_jax.defaults import default_config
 
 IMAGE_SIZE = {"paper": 227, "torchvision": 224}
 TORCH_MODES = ("eager", "channels_last", "compile", "compile+cl")
+PAUSE_S = 0.5  # before each timed repeat
 
 
 def jax_config(variant: str, precision: str, batch: int):
@@ -263,6 +264,7 @@ def measure(runners: dict, steps_: int, repeats: int, warmup: int, batch: int, w
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, runner in runners.items():  # alternate: machine noise hits all of them
+            time.sleep(PAUSE_S)  # the previous runner's threads (OpenMP spins) are idle
             times[name].append(time_repeats(runner[which], steps_))
     return {name: steps_ * batch / statistics.median(t) for name, t in times.items()}
 

@@ -108,12 +108,14 @@ def test_each_device_draws_its_own_dropout_mask():
     before = jax.device_get(state)
     images, labels = jnp.asarray(batch["image"][0]), jnp.asarray(batch["label"][0])
 
-    def update_with(keys):
-        def loss(params, key):
-            logits = before.apply_fn({"params": params}, images, train=True, rngs={"dropout": key})
-            return steps.classification_metrics(logits, labels)["loss"].mean()
+    @jax.jit
+    @jax.grad
+    def grad(params, key):
+        logits = before.apply_fn({"params": params}, images, train=True, rngs={"dropout": key})
+        return steps.classification_metrics(logits, labels)["loss"].mean()
 
-        grads = [jax.grad(loss)(before.params, key) for key in keys]
+    def update_with(keys):
+        grads = [grad(before.params, key) for key in keys]
         mean = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *grads)
         opt_state = optim.set_learning_rate(before.opt_state, 0.1)
         updates, _ = before.tx.update(mean, opt_state, before.params)
