@@ -1,14 +1,17 @@
-"""Max-pooling and a mixed-precision matrix product, with their backward passes written out.
+"""Max-pooling, a bias, and a mixed-precision product, with their backward passes written out.
 
-Both compute what ``flax.linen.max_pool`` and ``flax.linen.Dense`` compute; they exist for
+They compute what ``flax.linen.max_pool``, ``Conv`` and ``Dense`` compute; they exist for
 speed, chiefly on the CPU (``benchmarks/README.md`` has the measurements):
 
 - ``max_pool``: the maximum of the window's strided slices, which XLA fuses into one loop.
   Automatic differentiation of ``lax.reduce_window`` gives ``select_and_scatter``, which
   XLA:CPU runs several times slower than the layer's forward pass; the backward here routes
   each output's gradient to the first position in its window that holds the maximum (the
-  same position ``select_and_scatter`` picks, ties included) with masked, padded slices.
+  same position ``select_and_scatter`` picks, ties included), kept from the forward pass as
+  a one-byte index, summing masked gradients per stride phase.
   Comparisons and sums run in at least float32: XLA:CPU emulates bfloat16 arithmetic.
+- ``bias_add`` and ``Conv`` (``flax.linen.Conv``'s parameters and result): the bias
+  gradient as a product with ones, which XLA:CPU runs far faster than the equivalent sum.
 - ``mixed_dot_general``: a ``dot_general`` for ``flax.linen.Dense(dot_general=...)`` that
   multiplies bfloat16 operands with float32 accumulation, forward and backward. A plain
   bfloat16 ``dot_general`` makes XLA:CPU convert both operands to float32 and multiply in
@@ -89,11 +92,8 @@ def _max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], s
 
 def _max_pool_fwd(x, window, strides, shape):
     # The backward keeps only where each maximum came from (one byte per output), not the
-    # input.
-    # The barrier makes XLA store the index once rather than fuse its computation (and the
-    # input's) into each of the backward's window positions.
-    out, index = lax.optimization_barrier(_max_and_first_argmax(x, window, strides))
-    return out, index
+    # input, whose producers (ReLU, LRN) XLA would recompute in the backward's fusions.
+    return _max_and_first_argmax(x, window, strides)
 
 
 def _max_pool_bwd(window, strides, shape, index, g):
