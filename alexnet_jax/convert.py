@@ -173,25 +173,32 @@ def load_pth(path: str) -> dict[str, Any]:
     return {key: _array(value, key) for key, value in state_dict.items() if hasattr(value, "shape")}
 
 
-def torchvision_config(num_classes: int):
-    """The config that evaluates torchvision's weights as torchvision does: ImageNet
-    (``imagenet2012``), 224 center crop of the image resized to 256, ImageNet mean/std,
-    ``variant="torchvision"``."""
+def _imagenet_eval_config(num_classes: int, variant: str, image_size: int):
+    """What converted weights share: ImageNet (``imagenet2012``), one center crop of the image
+    resized to 256, no lighting noise, a constant learning rate for fine-tuning."""
     config = default_config()
     config.dataset = "imagenet2012"
     config.channels = 3
     config.num_classes = num_classes
-    config.image_size = 224
+    config.image_size = image_size
     config.input.resize_size = 256
     config.batch_size = 128
     config.eval_batch_size = 256
     config.model.name = "alexnet"
-    config.model.variant = "torchvision"
-    config.model.initializer = "torch"
-    config.input.normalization = "mean_std"
+    config.model.variant = variant
     config.input.pca_lighting_std = 0.0
     config.input.eval_crops = 1
     config.lr_schedule = "constant"
+    return config
+
+
+def torchvision_config(num_classes: int):
+    """The config that evaluates torchvision's weights as torchvision does: ImageNet
+    (``imagenet2012``), 224 center crop of the image resized to 256, ImageNet mean/std,
+    ``variant="torchvision"``."""
+    config = _imagenet_eval_config(num_classes, "torchvision", 224)
+    config.model.initializer = "torch"
+    config.input.normalization = "mean_std"
     return config
 
 
@@ -199,24 +206,12 @@ def caffe_config(num_classes: int, lrn: dict[str, float], mean_image: bool):
     """The config that evaluates BVLC's Caffe AlexNet: the paper's network with two towers,
     Caffe's LRN constants, 227 center crops of 256, and Caffe's mean pixel (as RGB) or its
     mean image subtracted from 0-255 pixels."""
-    config = default_config()
-    config.dataset = "imagenet2012"
-    config.channels = 3
-    config.num_classes = num_classes
-    config.image_size = 227
-    config.input.resize_size = 256
-    config.batch_size = 128
-    config.eval_batch_size = 256
-    config.model.name = "alexnet"
-    config.model.variant = "paper"
+    config = _imagenet_eval_config(num_classes, "paper", 227)
     config.model.groups = 2
     config.model.initializer = "paper"
     config.model.update(lrn)
     config.input.normalization = "mean_image" if mean_image else "mean"
     config.input.mean_rgb = list(caffe.MEAN_BGR[::-1])
-    config.input.pca_lighting_std = 0.0
-    config.input.eval_crops = 1
-    config.lr_schedule = "constant"
     return config
 
 
