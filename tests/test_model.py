@@ -47,26 +47,7 @@ def test_exact_parameter_counts(variant, groups, size, channels, num_classes, ex
 
 def torch_reference(variant):
     """The same layouts written in PyTorch, an independent count of their parameters."""
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-    if variant == "d2l":
-        return nn.Sequential(
-            nn.Conv2d(1, 96, 11, 4, 1), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(96, 256, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-            nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(384, 384, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Flatten(),
-            nn.Linear(6400, 4096), nn.ReLU(), nn.Dropout(0.5),
-            nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4096, 10),
-        )  # fmt: skip
-    return nn.Sequential(  # the paper's, two towers
-        nn.Conv2d(3, 96, 11, 4), nn.ReLU(), nn.LocalResponseNorm(5), nn.MaxPool2d(3, 2),
-        nn.Conv2d(96, 256, 5, padding=2, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2),
-        nn.Conv2d(256, 384, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(384, 384, 3, padding=1, groups=2), nn.ReLU(),
-        nn.Conv2d(384, 256, 3, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(3, 2), nn.Flatten(),
-        nn.Linear(9216, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1000),
-    )  # fmt: skip
+    return torch_build(variant, groups=2 if variant == "paper" else 1)[0]
 
 
 @pytest.mark.parametrize("variant", ["d2l", "paper"])
@@ -183,10 +164,9 @@ def test_he_and_xavier_initialization_statistics(init):
         np.testing.assert_array_equal(params[name]["bias"], 0.0)
 
 
-def torch_forward_reference(variant, groups, weights):
-    """The network written in torch.nn by hand, with ``weights`` (ours) copied in: an
-    independent check of padding, grouping, LRN placement and constants, pooling, the
-    flattening order and dropout placement."""
+def torch_build(variant, groups):
+    """The network written in torch.nn by hand (the paper's or d2l's), in evaluation mode,
+    and the (h, w, c) of what fc6 flattens."""
     torch = pytest.importorskip("torch")
     nn = torch.nn
     lrn = lambda: nn.LocalResponseNorm(5, alpha=1e-4 * 5, beta=0.75, k=2.0)  # noqa: E731
@@ -212,7 +192,16 @@ def torch_forward_reference(variant, groups, weights):
             nn.Linear(4096, 4096), nn.ReLU(), nn.Dropout(0.5), nn.Linear(4096, 10),
         ]  # fmt: skip
         pooled = (5, 5, 256)
-    net = nn.Sequential(*layers).eval()
+    return nn.Sequential(*layers).eval(), pooled
+
+
+def torch_forward_reference(variant, groups, weights):
+    """``torch_build``'s network with ``weights`` (ours) copied in: an independent check of
+    padding, grouping, LRN placement and constants, pooling, the flattening order and
+    dropout placement."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    net, pooled = torch_build(variant, groups)
     learned = [m for m in net if isinstance(m, nn.Conv2d | nn.Linear)]
     with torch.no_grad():
         for module, name in zip(learned, LAYER_NAMES, strict=True):
