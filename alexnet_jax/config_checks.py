@@ -12,6 +12,7 @@ from alexnet_jax import data, model, optim
 from alexnet_jax.data.dataset import AUGMENT_ON
 from alexnet_jax.distributed import MODES as DISTRIBUTED
 from alexnet_jax.errors import ConfigError
+from alexnet_jax.host_memory import MODES as HOST_MEMORY
 from alexnet_jax.normalization import NORMALIZATIONS
 from alexnet_jax.vgg import VGG11_ARCH
 
@@ -116,6 +117,10 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
     _require(
         c.distributed in DISTRIBUTED,
         f"config.distributed={c.distributed!r}: choose one of {DISTRIBUTED}",
+    )
+    _require(
+        c.host_memory in HOST_MEMORY,
+        f"config.host_memory={c.host_memory!r}: choose one of {HOST_MEMORY}",
     )
     _require(
         c.input.eval_crops in (1, 10),

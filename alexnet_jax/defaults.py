@@ -81,6 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
     # True keeps all of XLA:CPU's YNNPACK fusions (its convolutions are slower for AlexNet);
     # False, YNNPACK for dots only. See benchmarks/README.md.
     config.xla_cpu_ynn_fusions = False
+    # auto | reuse | system: keep the host memory a CPU step frees for the next step (glibc;
+    # auto: on CPU-only installations). See alexnet_jax/host_memory.py.
+    config.host_memory = "auto"
 
     # Optimizer (alexnet_jax/optim.py): the paper's SGD.
     config.batch_size = 64  # global, over all devices and processes

@@ -1,7 +1,8 @@
 """Our steps against PyTorch at its best, side by side, in one run on one machine.
 
     python benchmarks/compare_pytorch.py [--device cpu|gpu] [--variant paper,torchvision]
-        [--precision fp32,bf16] [--batch 32] [--steps 5] [--repeats 5] [--json]
+        [--precision fp32,bf16] [--batch 32] [--steps 5] [--repeats 5]
+        [--host_memory auto|reuse|system] [--json]
 
 JAX: the real pmap-ed steps of ``alexnet_jax.steps`` (what ``main.py`` runs), on one device
 (PyTorch runs on one; on a CPU one XLA device uses every core, as PyTorch's threads do), on
@@ -21,6 +22,9 @@ turn, so that a slower phase of the machine hits all of them; the median repeat 
 machine's own ceiling is measured in the same run: a large matmul in float32 and bfloat16,
 in JAX and in PyTorch (the faster counts), and each runner's achieved GFLOP/s (3x the
 forward FLOPs for a train step, counted from the layer shapes) is given as a share of it.
+``--host_memory`` is ``config.host_memory`` (``alexnet_jax/host_memory.py``), ``auto`` as in
+``main.py``: on a CPU-only installation freed host memory is kept for reuse. It is a setting
+of the process's C library, so PyTorch, in the same process, runs with it too.
 ``--json`` ends with one JSON line holding, per variant and precision, every figure and
 ``ratio`` (ours / PyTorch's best).
 """
@@ -38,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alexnet_jax import host_memory, normalization, optim, steps
 from alexnet_jax import model as model_lib
-from alexnet_jax import normalization, optim, steps
 from alexnet_jax.defaults import default_config
 
 IMAGE_SIZE = {"paper": 227, "torchvision": 224}
@@ -335,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--torch_modes", default=",".join(TORCH_MODES), help="comma-separated")
     parser.add_argument("--peak_size", type=int, default=0, help="matmul side (0: by device)")
+    parser.add_argument("--host_memory", choices=host_memory.MODES, default="auto",
+                        help="config.host_memory, for both frameworks")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
     variants = args.variant.split(",")
@@ -347,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict:
         if bad:
             parser.error(f"{flag}: {bad} not among {list(allowed)}")
 
+    reused = host_memory.configure(args.host_memory)  # before JAX and PyTorch start threads
     import torch
 
     gpu = args.device == "gpu"
@@ -360,8 +367,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch_device = (
         torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     )
+    memory = "kept for reuse" if reused else "glibc's defaults"
     print(f"JAX {jax.__version__} on {jax_device.device_kind}; PyTorch {torch.__version__} on "
-          f"{torch_device}; batch {args.batch}")  # fmt: skip
+          f"{torch_device}; batch {args.batch}; host memory {memory} (--host_memory "
+          f"{args.host_memory})")  # fmt: skip
     peak = matmul_peak(platform_name, args.peak_size or (8192 if gpu else 2048))
     print("matmul peak, GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
     results = []
@@ -375,6 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
         "jax_device": jax_device.device_kind,
         "torch_device": torch_device,
         "batch": args.batch,
+        "host_memory": {"mode": args.host_memory, "reused": reused},
         "peak_gflops": {k: round(v, 1) for k, v in peak.items()},
         "results": results,
         "ratio": min(r["ratio"] for r in results),  # the worst case over what was measured

@@ -60,7 +60,9 @@ def test_the_gpu_path_parses_and_stops_cleanly_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the GPU path runs for real")
     with pytest.raises(SystemExit, match="PyTorch sees no CUDA device"):
-        compare_pytorch.main(["--device", "gpu", "--precision", "bf16", "--batch", "512"])
+        compare_pytorch.main(
+            ["--device", "gpu", "--precision", "bf16", "--batch", "512", "--host_memory", "system"]
+        )
     with pytest.raises(SystemExit):
         compare_pytorch.main(["--torch_modes", "eager,jit"])  # not a PyTorch mode here
 
@@ -70,7 +72,7 @@ def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
     summary = compare_pytorch.main(
         ["--variant", "torchvision", "--precision", "fp32", "--batch", "2", "--steps", "1",
          "--repeats", "1", "--warmup", "1", "--torch_modes", "eager,channels_last",
-         "--peak_size", "256", "--json"]
+         "--peak_size", "256", "--host_memory", "system", "--json"]
     )  # fmt: skip
     (result,) = summary["results"]
     assert set(result["train_img_s"]) == {"jax", "torch_eager", "torch_channels_last"}
