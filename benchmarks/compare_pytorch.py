@@ -17,8 +17,10 @@ bf16 is ``torch.autocast`` (bfloat16 compute, float32 parameters) in each of the
 ratio is ours against the fastest PyTorch mode, for training and for evaluation (forward
 only, center crop).
 
-All runners are warmed up (compiled), then each repeat times ``--steps`` steps of each in
-turn, so that a slower phase of the machine hits all of them; the median repeat counts. The
+All runners are warmed up in ``--warmup`` untimed rounds that alternate them as the timed
+repeats do (the first compiles), then each repeat times ``--steps`` steps of each in turn,
+so that a slower phase of the machine hits all of them; the median repeat counts, and each
+runner's minor page faults per step are reported beside it (near 0 in a steady state). The
 machine's own ceiling is measured in the same run: a large matmul in float32 and bfloat16,
 in JAX and in PyTorch (the faster counts), and each runner's achieved GFLOP/s (3x the
 forward FLOPs for a train step, counted from the layer shapes) is given as a share of it.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -261,16 +264,32 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool)
 # --- the comparison --------------------------------------------------------------------------
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (memory the kernel maps in on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure(runners: dict, steps_: int, repeats: int, warmup: int, batch: int, which: int):
-    """Median images/s of each runner's train (which=0) or eval (which=1) steps."""
-    for runner in runners.values():
-        runner[which](warmup)  # compile and warm up
+    """Median images/s of each runner's train (which=0) or eval (which=1) steps, and the
+    median of each one's minor page faults per step.
+
+    Warm-up alternates the runners as the timed repeats do (the first round compiles): the
+    runners share one process and its heap, and until the heap has grown to hold every
+    runner's buffers side by side, a step maps fresh pages in (tens of thousands of page
+    faults a step) that no later step pays."""
+    for _ in range(warmup):
+        for runner in runners.values():
+            runner[which](steps_)
     times: dict[str, list[float]] = {name: [] for name in runners}
+    faults: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(repeats):
         for name, runner in runners.items():  # alternate: machine noise hits all of them
             time.sleep(PAUSE_S)  # the previous runner's threads (OpenMP spins) are idle
+            before = minor_faults()
             times[name].append(time_repeats(runner[which], steps_))
-    return {name: steps_ * batch / statistics.median(t) for name, t in times.items()}
+            faults[name].append((minor_faults() - before) / steps_)
+    rates = {name: steps_ * batch / statistics.median(t) for name, t in times.items()}
+    return rates, {name: statistics.median(f) for name, f in faults.items()}
 
 
 def fresh_torch_compiler() -> None:
@@ -290,8 +309,8 @@ def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
     runners = {"jax": jax_runner(variant, precision, args.batch, platform_name)}
     for mode in args.torch_modes:
         runners[f"torch_{mode}"] = torch_runner(variant, precision, args.batch, mode, gpu)
-    train = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 0)
-    evaluation = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 1)
+    train, train_faults = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 0)
+    evaluation, eval_faults = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 1)
     torch_names = [n for n in runners if n != "jax"]
     best_train = max(torch_names, key=train.get)
     best_eval = max(torch_names, key=evaluation.get)
@@ -307,6 +326,8 @@ def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
         "eval_ratio": round(evaluation["jax"] / evaluation[best_eval], 3),
         "train_gflops": {n: round(v * 3 * fwd / 1e9, 1) for n, v in train.items()},
         "eval_gflops": {n: round(v * fwd / 1e9, 1) for n, v in evaluation.items()},
+        "train_faults_per_step": {n: round(v) for n, v in train_faults.items()},
+        "eval_faults_per_step": {n: round(v) for n, v in eval_faults.items()},
     }
     result["train_peak_share"] = {
         n: round(g / peak[precision], 3) for n, g in result["train_gflops"].items()
@@ -317,12 +338,13 @@ def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
 def print_result(result: dict) -> None:
     print(f"\n{result['variant']}, {result['precision']}: images/s (GFLOP/s, share of the "
           f"{result['precision']} peak)")  # fmt: skip
-    print(f"  {'':16}{'train':>26}{'eval':>12}")
+    print(f"  {'':18}{'train':>24}{'eval':>10}{'page faults/step':>20}")
     for name, rate in result["train_img_s"].items():
         share = result["train_peak_share"][name]
         evaluation = result["eval_img_s"][name]
-        print(f"  {name:16}{rate:9.1f} ({result['train_gflops'][name]:6.1f}, {share:5.1%})"
-              f"{evaluation:12.1f}")  # fmt: skip
+        faults = f"{result['train_faults_per_step'][name]}, {result['eval_faults_per_step'][name]}"
+        print(f"  {name:18}{rate:7.1f} ({result['train_gflops'][name]:6.1f}, {share:5.1%})"
+              f"{evaluation:10.1f}{faults:>20}")  # fmt: skip
     print(f"  ours / PyTorch's best: train {result['ratio']:.3f} (against "
           f"{result['best_torch_train']}), eval {result['eval_ratio']:.3f} (against "
           f"{result['best_torch_eval']})")  # fmt: skip
@@ -336,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3)
+    rounds = "untimed rounds of --steps steps, alternating (the first compiles)"
+    parser.add_argument("--warmup", type=int, default=3, help=rounds)
     parser.add_argument("--torch_modes", default=",".join(TORCH_MODES), help="comma-separated")
     parser.add_argument("--peak_size", type=int, default=0, help="matmul side (0: by device)")
     parser.add_argument("--host_memory", choices=host_memory.MODES, default="auto",

@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
@@ -50,3 +52,14 @@ def pytest_sessionfinish(session, exitstatus):
         for line in _SKIPPED:
             print(f"  {line}")
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory):
+    """The final evaluation of ``tests.test_train.small_config`` trained 8 steps without a
+    stop: where the SIGKILL and SIGTERM tests' resumed runs must end (trained once)."""
+    from alexnet_jax import train
+    from tests.test_train import small_config
+
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    return train.train_and_evaluate(small_config(num_train_steps=8), str(workdir))

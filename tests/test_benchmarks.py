@@ -82,6 +82,9 @@ def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
         result["train_img_s"]["jax"] / result["train_img_s"][best], rel=1e-2
     )
     assert summary["peak_gflops"]["fp32"] >= summary["peak_gflops"]["torch_fp32"] > 0
+    for faults in (result["train_faults_per_step"], result["eval_faults_per_step"]):
+        assert set(faults) == set(result["train_img_s"]) and min(faults.values()) >= 0
+    assert summary["host_memory"] == {"mode": "system", "reused": False}
     flops = 3 * compare_pytorch.forward_flops("torchvision", 224)
     assert result["train_gflops"]["jax"] == pytest.approx(
         result["train_img_s"]["jax"] * flops / 1e9, rel=1e-2

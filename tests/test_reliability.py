@@ -111,8 +111,8 @@ def read_steps(workdir):
 
 
 @pytest.mark.slow
-def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
-    reference = train.train_and_evaluate(small_config(num_train_steps=8), str(tmp_path / "ref"))
+def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, uninterrupted_run):
+    reference = uninterrupted_run
     workdir = tmp_path / "preempted"
     log = open(tmp_path / "log", "w")  # noqa: SIM115
     process = start_process(

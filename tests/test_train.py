@@ -219,11 +219,9 @@ SMALL_FLAGS = (
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path):
+def test_resume_after_sigkill_ends_with_the_same_metrics(tmp_path, uninterrupted_run):
     """Killed (SIGKILL) after its first checkpoint and rerun, a run ends as if never stopped."""
-    reference = train.train_and_evaluate(
-        small_config(num_train_steps=8), str(tmp_path / "reference")
-    )
+    reference = uninterrupted_run
 
     workdir = tmp_path / "killed"
     process = run_main(workdir, *SMALL_FLAGS, "--config.async_checkpointing=False", wait=False)
