@@ -4,7 +4,8 @@ XLA:CPU allocates a step's temporary buffers with ``malloc`` and frees them when
 ends: several hundred MB for AlexNet at batch 32. glibc serves blocks this large with fresh
 ``mmap`` calls (always, from the threads XLA runs on) and unmaps them on ``free``, so every
 step faults its temporaries' pages in again: about 150,000 page faults per paper train step
-at batch 32 on the project's CPU machine, 10-13 % of the step (``benchmarks/README.md``).
+at batch 32 on the project's CPU machine. Keeping the memory made that step 10-32 % faster
+there (``main.py`` and ``benchmarks/compare_pytorch.py``; ``benchmarks/README.md``).
 
 ``configure("reuse")`` asks glibc (``mallopt``) to serve every thread from one arena, never
 to ``mmap``, and never to give freed memory back: the next step finds its buffers in the
