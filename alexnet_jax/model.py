@@ -255,30 +255,21 @@ class AlexNet(nn.Module):
         if spec.adaptive_pool:
             x = _adaptive_avg_pool(x, spec.adaptive_pool)  # torchvision: (N, 6, 6, 256)
         x = x.reshape((x.shape[0], -1))  # NHWC flattening: (N, 6 * 6 * 256) at 227 / 224
+        dense = functools.partial(
+            nn.Dense, dtype=self.dtype, dot_general=mixed_dot_general, kernel_init=kernel_init
+        )
         for index, features in enumerate(spec.fc_features):
             name = f"fc{index + 6}"
             if spec.dropout_before_fc:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-            x = nn.Dense(
-                features,
-                dtype=self.dtype,
-                dot_general=mixed_dot_general,
-                kernel_init=kernel_init,
-                bias_init=_bias_init(init, spec.fc_biases[index], x.shape[-1]),
-                name=name,
+            x = dense(
+                features, bias_init=_bias_init(init, spec.fc_biases[index], x.shape[-1]), name=name
             )(x)
             x = nn.relu(x)
             if not spec.dropout_before_fc:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
             self.sow("intermediates", f"{name}_out", x)
-        x = nn.Dense(
-            self.num_classes,
-            dtype=self.dtype,
-            dot_general=mixed_dot_general,
-            kernel_init=kernel_init,
-            bias_init=_bias_init(init, 0.0, x.shape[-1]),
-            name="fc8",
-        )(x)
+        x = dense(self.num_classes, bias_init=_bias_init(init, 0.0, x.shape[-1]), name="fc8")(x)
         self.sow("intermediates", "fc8_out", x)
         return x.astype(jnp.float32)
 

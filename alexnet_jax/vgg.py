@@ -60,15 +60,12 @@ class VGG(nn.Module):
                 x = nn.relu(x)
             x = max_pool(x, (2, 2), (2, 2))
         x = x.reshape((x.shape[0], -1))
+        dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=mixed_dot_general)
         for index in range(2):
-            x = nn.Dense(
-                4096, dtype=self.dtype, dot_general=mixed_dot_general, name=f"fc{index + 1}"
-            )(x)
+            x = dense(4096, name=f"fc{index + 1}")(x)
             x = nn.relu(x)
             x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = nn.Dense(self.num_classes, dtype=self.dtype, dot_general=mixed_dot_general, name="fc3")(
-            x
-        )
+        x = dense(self.num_classes, name="fc3")(x)
         return x.astype(jnp.float32)
 
 
