@@ -12,6 +12,8 @@ speed, chiefly on the CPU (``benchmarks/README.md`` has the measurements):
   Comparisons and sums run in at least float32: XLA:CPU emulates bfloat16 arithmetic.
 - ``bias_add`` and ``Conv`` (``flax.linen.Conv``'s parameters and result): the bias
   gradient as a product with ones, which XLA:CPU runs far faster than the equivalent sum.
+  ``Conv`` convolves with ``shifted_conv.conv2d``: bfloat16 convolutions become bfloat16
+  matrix products on the CPU, ``lax.conv_general_dilated`` everywhere else.
 - ``mixed_dot_general``: a ``dot_general`` for ``flax.linen.Dense(dot_general=...)`` that
   multiplies bfloat16 operands with float32 accumulation, forward and backward. A plain
   bfloat16 ``dot_general`` makes XLA:CPU convert both operands to float32 and multiply in
@@ -33,6 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
+
+from alexnet_jax.shifted_conv import conv2d
 
 
 def _window_slices(
@@ -217,12 +221,5 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=tuple(self.strides),
-            padding=[tuple(p) for p in self.padding],
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.feature_group_count,
-        )
+        y = conv2d(x, kernel, self.strides, self.padding, self.feature_group_count)
         return bias_add(y, bias)

@@ -1,0 +1,250 @@
+"""bfloat16 convolutions as matrix products, for XLA:CPU.
+
+XLA:CPU (jax 0.10-0.11) converts a bfloat16 convolution to float32 and runs it at float32
+speed, whatever its options; a bfloat16 *product* asked for a float32 result goes to a
+library kernel that uses the CPU's bfloat16 matrix instructions (AMX, AVX512-BF16), several
+times faster. ``conv2d`` writes a convolution as such products, forward and backward, without
+building patches:
+
+- The zero-padded image is flattened to rows, one per pixel (``(N * Hp * Wp, C)``). Kernel
+  position ``(i, j)`` reads the row ``i * Wp + j`` further on, so the convolution is a sum of
+  row-shifted products. Rows whose window runs off the image's right edge compute garbage
+  that is cropped away.
+- The kernel's ``kw`` columns go into the contraction: the rows ``t .. t + kw - 1`` side by
+  side are one row of ``(N * Hp * Wp / kw, kw * C)`` when ``t`` steps by ``kw``, which is a
+  reshape of a contiguous slice (no copy of overlapping windows). ``kw`` such products, one
+  per phase ``t mod kw``, with every kernel row's weights side by side, give each kernel
+  row's contribution at every row; a fused sum of ``kh`` row-shifted slices finishes it.
+- The input gradient is the same convolution of the output gradient with the kernel turned
+  by 180 degrees. The kernel gradient contracts over rows, with the output gradient
+  transposed (``(C_out, rows)``) once per phase. XLA would fold that transpose into the
+  product, and the library kernel takes no transposed operand; a few zero columns padded
+  onto it (and zero rows onto the other operand) keep it a separate copy.
+- Strides become a stride-1 convolution of the space-to-depth image (conv1's 11x11 / 4 is a
+  3x3 convolution of 4x4 blocks of 48 channels), forward only: the gradients of a strided
+  convolution are XLA's own, which measured faster for conv1.
+- Data movement runs on the raw 16 bits: XLA:CPU widens bfloat16 to float32 for every
+  elementwise loop, which made the copies several times slower.
+
+Every product accumulates in float32 and the result is rounded once to bfloat16, as
+``lax.conv_general_dilated`` does on this backend (it computes in float32); the backward
+rounds the cotangent to bfloat16 first, as mixed-precision training does. On other
+platforms (GPU: cuDNN) ``conv2d`` is ``lax.conv_general_dilated``, chosen at lowering time
+by ``lax.platform_dependent``. ``benchmarks/README.md`` has the measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_NO_FOLD = 8  # zero columns that keep the kernel gradient's transpose a copy
+
+Padding = tuple[tuple[int, int], tuple[int, int]]
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(x, jnp.uint16)
+
+
+def _bf16(x: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(x, jnp.bfloat16)
+
+
+def _product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` of bfloat16 matrices (given as their bits), accumulated in float32."""
+    return lax.dot_general(
+        _bf16(a), _bf16(b), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+def lax_conv2d(x, kernel, strides, padding, feature_group_count=1):
+    """The reference: ``lax.conv_general_dilated`` on NHWC / HWIO."""
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=tuple(strides),
+        padding=[tuple(p) for p in padding],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=feature_group_count,
+    )
+
+
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int] = (1, 1),
+    padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
+    feature_group_count: int = 1,
+) -> jax.Array:
+    """``lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))``.
+
+    bfloat16 ungrouped convolutions with symmetric padding no wider than the kernel lower to
+    matrix products on the CPU (see the module docstring); everything else, and every other
+    platform, takes ``lax.conv_general_dilated``.
+    """
+    strides = tuple(int(s) for s in strides)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    plain = functools.partial(
+        lax_conv2d, strides=strides, padding=padding, feature_group_count=feature_group_count
+    )
+    if not _as_products(x, kernel, strides, padding, feature_group_count):
+        return plain(x, kernel)
+    if strides == (1, 1):
+        products = functools.partial(_shifted, pad=(padding[0][0], padding[1][0]))
+    else:
+        products = functools.partial(_strided, strides=strides, padding=padding)
+    return lax.platform_dependent(x, kernel, cpu=products, default=plain)
+
+
+def _as_products(x, kernel, strides, padding, feature_group_count) -> bool:
+    return (
+        x.ndim == 4
+        and kernel.ndim == 4
+        and len(strides) == 2
+        and x.dtype == jnp.bfloat16
+        and kernel.dtype == jnp.bfloat16
+        and feature_group_count == 1
+        and len(padding) == 2
+        and all(lo == hi for lo, hi in padding)
+        and all(0 <= lo < k for (lo, _), k in zip(padding, kernel.shape[:2], strict=True))
+        and all(s >= 1 for s in strides)
+        and x.shape[1] + 2 * padding[0][0] >= kernel.shape[0]
+        and x.shape[2] + 2 * padding[1][0] >= kernel.shape[1]
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided(x, kernel, strides, padding):
+    return _space_to_depth(x, kernel, strides, padding)
+
+
+def _strided_fwd(x, kernel, strides, padding):
+    return _space_to_depth(x, kernel, strides, padding), (x, kernel)
+
+
+def _strided_bwd(strides, padding, residuals, g):
+    # XLA:CPU's own (float32) kernel gradient: for conv1 (3 input channels, 11x11 / 4) it
+    # measured faster than products over the space-to-depth image, whose contraction runs
+    # over every pixel with few columns.
+    x, kernel = residuals
+    _, pullback = jax.vjp(
+        functools.partial(lax_conv2d, strides=strides, padding=padding), x, kernel
+    )
+    return pullback(g.astype(x.dtype))
+
+
+_strided.defvjp(_strided_fwd, _strided_bwd)
+
+
+def _space_to_depth(x, kernel, strides, padding):
+    """A strided convolution as a stride-1 one of the space-to-depth image and kernel."""
+    n, height, width, channels = x.shape
+    kh, kw, _, features = kernel.shape
+    sh, sw = strides
+    out_h = (height + 2 * padding[0][0] - kh) // sh + 1
+    out_w = (width + 2 * padding[1][0] - kw) // sw + 1
+    bh, bw = -(-kh // sh), -(-kw // sw)  # the kernel in blocks
+    rows, cols = (out_h - 1 + bh) * sh, (out_w - 1 + bw) * sw  # the image the blocks cover
+    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    x = x[:, :rows, :cols]
+    x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2]), (0, 0)))
+    x = x.reshape(n, rows // sh, sh, cols // sw, sw, channels)
+    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(n, rows // sh, cols // sw, -1)
+    k = jnp.pad(kernel, ((0, bh * sh - kh), (0, bw * sw - kw), (0, 0), (0, 0)))
+    k = k.reshape(bh, sh, bw, sw, -1, features)
+    k = jnp.transpose(k, (0, 2, 1, 3, 4, 5)).reshape(bh, bw, -1, features)
+    return _shifted(x, k, (0, 0))
+
+
+def _geometry(shape, kernel_shape, pad):
+    """Padded height and width, the number of pixel rows, the output rows per phase and the
+    product rows per phase (enough for the furthest kernel row's shift)."""
+    n, height, width, _ = shape
+    kh, kw = kernel_shape[:2]
+    hp, wp = height + 2 * pad[0], width + 2 * pad[1]
+    rows = n * hp * wp
+    out_per_phase = -(-rows // kw)
+    per_phase = out_per_phase + (kw - 1 + (kh - 1) * wp) // kw + 1
+    return hp, wp, rows, out_per_phase, per_phase
+
+
+def _rows(x_bits, pad, total):
+    """The zero-padded image as (total, C) pixel rows: the image's, then zeros."""
+    x_bits = jnp.pad(x_bits, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+    flat = x_bits.reshape(-1, x_bits.shape[-1])
+    return jnp.pad(flat, ((0, total - flat.shape[0]), (0, 0)))
+
+
+def _forward(x, kernel, pad):
+    kh, kw, channels, features = kernel.shape
+    n = x.shape[0]
+    hp, wp, rows, out_per_phase, per_phase = _geometry(x.shape, kernel.shape, pad)
+    flat = _rows(_bits(x), pad, kw * per_phase + kw)
+    # weights[j * C + c, i * F + f] = kernel[i, j, c, f]
+    weights = jnp.transpose(_bits(kernel), (1, 2, 0, 3)).reshape(kw * channels, kh * features)
+    # phases[s][q, i * F + f]: kernel row i's contribution (all its columns) at pixel row
+    # kw * q + s + i * wp, for the output pixel row kw * q + s.
+    phases = [
+        _product(lax.slice_in_dim(flat, s, s + kw * per_phase).reshape(per_phase, -1), weights)
+        for s in range(kw)
+    ]
+    # Output pixel row kw * q + s sums, per kernel row i, phase (s + i * wp) % kw at row
+    # q + (s + i * wp) // kw: contiguous slices, so no interleaved copy of the products.
+    outs = []
+    for s in range(kw):
+        total = 0
+        for i in range(kh):
+            offset, phase = divmod(s + i * wp, kw)
+            block = (offset, i * features), (offset + out_per_phase, (i + 1) * features)
+            total = total + lax.slice(phases[phase], *block)
+        outs.append(_bits(total.astype(x.dtype)))
+    out = jnp.stack(outs, axis=1).reshape(kw * out_per_phase, features)[:rows]
+    out = out.reshape(n, hp, wp, features)[:, : hp - kh + 1, : wp - kw + 1]
+    return _bf16(out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shifted(x: jax.Array, kernel: jax.Array, pad: tuple[int, int]) -> jax.Array:
+    return _forward(x, kernel, pad)
+
+
+def _shifted_fwd(x, kernel, pad):
+    return _forward(x, kernel, pad), (x, kernel)
+
+
+def _shifted_bwd(pad, residuals, g):
+    x, kernel = residuals
+    kh, kw, channels, features = kernel.shape
+    g = g.astype(x.dtype)
+    # Input gradient: the "full" convolution of g with the kernel turned by 180 degrees.
+    turned = _bf16(jnp.transpose(_bits(kernel)[::-1, ::-1], (0, 1, 3, 2)))
+    d_x = _forward(g, turned, (kh - 1 - pad[0], kw - 1 - pad[1]))
+    # Kernel gradient: d_kernel[i, j] = sum over pixel rows r of flat[r + i * wp + j] (x) g[r].
+    hp, wp, rows, per_phase, _ = _geometry(x.shape, kernel.shape, pad)
+    out_h, out_w = g.shape[1:3]
+    g_rows = jnp.pad(_bits(g), ((0, 0), (0, hp - out_h), (0, wp - out_w), (0, 0)))
+    g_rows = jnp.pad(g_rows.reshape(rows, features), ((0, kw * per_phase - rows), (0, 0)))
+    g_rows = g_rows.reshape(per_phase, kw, features)
+    flat = _rows(_bits(x), pad, (kh - 1) * wp + kw * per_phase + kw)
+    # Per phase s, g's rows s, s + kw, ... transposed; the zero columns keep the copy.
+    g_t = [jnp.pad(g_rows[:, s, :].T, ((0, 0), (0, _NO_FOLD))) for s in range(kw)]
+    per_kernel_row = []
+    for i in range(kh):
+        total = 0
+        for s in range(kw):
+            start = i * wp + s
+            windows = lax.slice_in_dim(flat, start, start + kw * per_phase)
+            windows = jnp.pad(windows.reshape(per_phase, -1), ((0, _NO_FOLD), (0, 0)))
+            total = total + _product(g_t[s], windows)  # (F, kw * C): [f, j * C + c]
+        per_kernel_row.append(total)
+    d_kernel = jnp.stack(per_kernel_row).reshape(kh, features, kw, channels)
+    d_kernel = jnp.transpose(d_kernel, (0, 2, 3, 1))
+    return d_x, d_kernel.astype(kernel.dtype)
+
+
+_shifted.defvjp(_shifted_fwd, _shifted_bwd)

@@ -1,0 +1,144 @@
+"""bfloat16 convolutions as products (``shifted_conv.conv2d``) against XLA's convolution.
+
+The reference is ``lax.conv_general_dilated`` in float32 on the same bfloat16 values: ours
+accumulates in float32 and rounds once, so forward and gradients agree to bfloat16's rounding.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import shifted_conv
+from alexnet_jax.layers import Conv
+
+BF16 = jnp.bfloat16
+EPS = 2.0**-8  # bfloat16's relative rounding step
+
+
+def _reference(strides, padding):
+    def conv(x, kernel):
+        return shifted_conv.lax_conv2d(
+            x.astype(jnp.float32), kernel.astype(jnp.float32), strides, padding
+        )
+
+    return conv
+
+
+def _relative_error(got, expected):
+    got, expected = np.asarray(got, np.float32), np.asarray(expected, np.float32)
+    return np.max(np.abs(got - expected)) / np.max(np.abs(expected))
+
+
+GEOMETRIES = [
+    # (image N, H, W, C), kernel (kh, kw, F), strides, symmetric padding
+    ((2, 13, 13, 16), (3, 3, 8), (1, 1), (1, 1)),  # conv3-5's shape, small
+    ((2, 9, 11, 5), (3, 2, 7), (1, 1), (0, 0)),  # rectangular kernel and image, no padding
+    ((2, 12, 12, 6), (5, 5, 4), (1, 1), (2, 2)),  # conv2's kernel
+    ((1, 5, 5, 3), (5, 5, 2), (1, 1), (0, 0)),  # the kernel covers the image: one output
+    ((2, 7, 8, 4), (3, 5, 3), (1, 1), (2, 1)),  # per-axis padding
+    ((2, 27, 27, 3), (11, 11, 8), (4, 4), (0, 0)),  # conv1 (paper): 11x11 / 4
+    ((2, 28, 28, 3), (11, 11, 8), (4, 4), (2, 2)),  # conv1 (torchvision): padded
+    ((2, 10, 9, 4), (3, 3, 4), (2, 2), (1, 1)),  # stride 2
+]
+
+
+@pytest.mark.parametrize("image, kernel_shape, strides, pad", GEOMETRIES)
+def test_forward_and_gradients_match_xla_convolution(image, kernel_shape, strides, pad):
+    rng = np.random.default_rng(0)
+    kh, kw, features = kernel_shape
+    x = jnp.asarray(rng.standard_normal(image), BF16)
+    kernel = jnp.asarray(rng.standard_normal((kh, kw, image[-1], features)) * 0.2, BF16)
+    padding = ((pad[0], pad[0]), (pad[1], pad[1]))
+
+    def ours(x, kernel):
+        return shifted_conv.conv2d(x, kernel, strides, padding)
+
+    reference = _reference(strides, padding)
+    y = jax.jit(ours)(x, kernel)
+    expected = reference(x, kernel)
+    chex.assert_equal_shape([y, expected])
+    assert y.dtype == BF16
+    assert _relative_error(y, expected) <= EPS
+
+    cotangent = jnp.asarray(rng.standard_normal(y.shape), BF16)
+    d_x, d_kernel = jax.jit(lambda x, k, g: jax.vjp(ours, x, k)[1](g))(x, kernel, cotangent)
+    ref_x, ref_kernel = jax.vjp(reference, x, kernel)[1](cotangent.astype(jnp.float32))
+    assert d_x.dtype == BF16 and d_kernel.dtype == BF16
+    chex.assert_equal_shape([d_x, x])
+    chex.assert_equal_shape([d_kernel, kernel])
+    assert _relative_error(d_x, ref_x) <= EPS
+    assert _relative_error(d_kernel, ref_kernel) <= EPS
+
+
+def _compiled_text(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_on_the_cpu_bfloat16_lowers_to_products_and_float32_to_a_convolution():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 13, 13, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 8)), jnp.float32)
+
+    def loss(x, kernel):
+        y = shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)))
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    train = jax.value_and_grad(loss, argnums=(0, 1))
+    if jax.default_backend() != "cpu":
+        pytest.skip("the product lowering is the CPU's")
+    assert "convolution(" not in _compiled_text(train, x.astype(BF16), kernel.astype(BF16))
+    assert "convolution(" in _compiled_text(train, x, kernel)
+
+
+def test_other_platforms_keep_xla_convolution():
+    """Lowered for a GPU (no GPU needed to lower), the same function is one convolution
+    forward and backward, no products: cuDNN's path is untouched."""
+    x = jnp.zeros((2, 13, 13, 16), BF16)
+    kernel = jnp.zeros((3, 3, 16, 8), BF16)
+
+    def loss(x, kernel):
+        y = shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)))
+        return jnp.sum(y.astype(jnp.float32))
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    gpu = jax.export.export(fn, platforms=["cuda"])(x, kernel).mlir_module()
+    assert "stablehlo.convolution" in gpu and "dot_general" not in gpu
+    cpu = jax.export.export(fn, platforms=["cpu"])(x, kernel).mlir_module()
+    assert "stablehlo.convolution" not in cpu and "dot_general" in cpu
+
+
+@pytest.mark.parametrize(
+    "groups, padding",
+    [(2, ((1, 1), (1, 1))), (1, ((0, 1), (1, 0)))],  # grouped; asymmetric padding
+)
+def test_what_products_do_not_cover_falls_back_to_xla(groups, padding):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 9, 9, 8)), BF16)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 8 // groups, 6)), BF16)
+
+    def ours(x, kernel):
+        return shifted_conv.conv2d(x, kernel, (1, 1), padding, groups)
+
+    expected = shifted_conv.lax_conv2d(x, kernel, (1, 1), padding, groups)
+    np.testing.assert_array_equal(np.asarray(jax.jit(ours)(x, kernel), np.float32),
+                                  np.asarray(expected, np.float32))  # fmt: skip
+    if jax.default_backend() == "cpu":
+        assert "convolution(" in _compiled_text(ours, x, kernel)
+
+
+def test_conv_layer_in_bfloat16_follows_float32():
+    """``layers.Conv`` with ``dtype=bfloat16`` (the product route on the CPU) against the
+    same layer in float32: the same parameters, results within bfloat16 rounding."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((2, 15, 15, 8)), jnp.float32)
+    layer32 = Conv(16, (5, 5), padding=((2, 2), (2, 2)), dtype=jnp.float32)
+    layer16 = Conv(16, (5, 5), padding=((2, 2), (2, 2)), dtype=BF16)
+    params = layer32.init(jax.random.PRNGKey(0), x)
+    chex.assert_trees_all_equal_shapes(params, layer16.init(jax.random.PRNGKey(0), x))
+    expected = layer32.apply(params, x.astype(BF16).astype(jnp.float32))
+    got = jax.jit(layer16.apply)(params, x)
+    assert got.dtype == BF16
+    # the bf16 rounding of the kernel adds its own error: a few steps
+    assert _relative_error(got, expected) <= 4 * EPS
