@@ -17,9 +17,9 @@ building patches:
   row's contribution at every row; a fused sum of ``kh`` row-shifted slices finishes it.
 - The input gradient is the same convolution of the output gradient with the kernel turned
   by 180 degrees. The kernel gradient contracts over rows, with the output gradient
-  transposed (``(C_out, rows)``) once per phase. XLA would fold that transpose into the
-  product, and the library kernel takes no transposed operand; a few zero columns padded
-  onto it (and zero rows onto the other operand) keep it a separate copy.
+  transposed (``(C_out, rows)``) once per phase. XLA would fold a plain transpose into the
+  product, and the library kernel takes no transposed operand, so the transpose is itself a
+  product, with the identity (exact).
 - Strides become a stride-1 convolution of the space-to-depth image (conv1's 11x11 / 4 is a
   3x3 convolution of 4x4 blocks of 48 channels), forward only: the gradients of a strided
   convolution are XLA's own, which measured faster for conv1.
@@ -42,8 +42,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-_NO_FOLD = 8  # zero columns that keep the kernel gradient's transpose a copy
-
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -60,6 +58,19 @@ def _product(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.dot_general(
         _bf16(a), _bf16(b), (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
     )
+
+
+def _transposed(bits: jax.Array) -> jax.Array:
+    """The transpose of a bfloat16 matrix (given and returned as bits), as a product with the
+    identity: exact, on the matrix units, and never folded into the product that consumes it.
+    (A plain transpose is folded into that product as a transposed operand, which sends it
+    off the fast kernel; a transpose fused with anything else runs far below memory speed.)
+    A non-finite entry spreads NaN over its row of the result: the gradient is non-finite
+    either way."""
+    eye = jnp.eye(bits.shape[1], dtype=jnp.bfloat16)
+    dims = (((1,), (1,)), ((), ()))
+    t = lax.dot_general(eye, _bf16(bits), dims, preferred_element_type=jnp.float32)
+    return _bits(t.astype(jnp.bfloat16))
 
 
 def lax_conv2d(x, kernel, strides, padding, feature_group_count=1):
@@ -231,16 +242,14 @@ def _shifted_bwd(pad, residuals, g):
     g_rows = jnp.pad(g_rows.reshape(rows, features), ((0, kw * per_phase - rows), (0, 0)))
     g_rows = g_rows.reshape(per_phase, kw, features)
     flat = _rows(_bits(x), pad, (kh - 1) * wp + kw * per_phase + kw)
-    # Per phase s, g's rows s, s + kw, ... transposed; the zero columns keep the copy.
-    g_t = [jnp.pad(g_rows[:, s, :].T, ((0, 0), (0, _NO_FOLD))) for s in range(kw)]
+    g_t = [_transposed(g_rows[:, s, :]) for s in range(kw)]  # phase s: rows s, s + kw, ...
     per_kernel_row = []
     for i in range(kh):
         total = 0
         for s in range(kw):
             start = i * wp + s
             windows = lax.slice_in_dim(flat, start, start + kw * per_phase)
-            windows = jnp.pad(windows.reshape(per_phase, -1), ((0, _NO_FOLD), (0, 0)))
-            total = total + _product(g_t[s], windows)  # (F, kw * C): [f, j * C + c]
+            total = total + _product(g_t[s], windows.reshape(per_phase, -1))  # [f, j * C + c]
         per_kernel_row.append(total)
     d_kernel = jnp.stack(per_kernel_row).reshape(kh, features, kw, channels)
     d_kernel = jnp.transpose(d_kernel, (0, 2, 3, 1))
