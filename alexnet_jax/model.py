@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from alexnet_jax.layers import Conv, max_pool, mixed_dot_general
+from alexnet_jax.layers import Conv, Dense, max_pool
 from alexnet_jax.lrn import LocalResponseNorm
 from alexnet_jax.vgg import VGG, VGG11_ARCH
 
@@ -255,9 +255,7 @@ class AlexNet(nn.Module):
         if spec.adaptive_pool:
             x = _adaptive_avg_pool(x, spec.adaptive_pool)  # torchvision: (N, 6, 6, 256)
         x = x.reshape((x.shape[0], -1))  # NHWC flattening: (N, 6 * 6 * 256) at 227 / 224
-        dense = functools.partial(
-            nn.Dense, dtype=self.dtype, dot_general=mixed_dot_general, kernel_init=kernel_init
-        )
+        dense = functools.partial(Dense, dtype=self.dtype, kernel_init=kernel_init)
         for index, features in enumerate(spec.fc_features):
             name = f"fc{index + 6}"
             if spec.dropout_before_fc:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax.layers import Conv, bias_add, max_pool, mixed_dot_general
+from alexnet_jax.layers import Conv, Dense, bias_add, max_pool, mixed_dot_general
 
 
 def flax_pool(x, window, strides):
@@ -110,6 +110,40 @@ def test_mixed_product_is_the_plain_one_in_float32_and_inside_dense():
     grads = jax.grad(lambda v: jnp.sum(narrow.apply(v, x).astype(jnp.float32)))(variables)
     expected = jax.grad(lambda v: jnp.sum(dense.apply(v, x)))(variables)
     chex.assert_trees_all_close(grads, expected, atol=0.05)
+
+
+def test_dense_is_flax_dense_in_float32_and_keeps_a_float32_kernel_gradient_in_bfloat16():
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((8, 300)), jnp.float32)
+    init = nn.initializers.normal(0.1)
+    theirs = nn.Dense(16, kernel_init=init, bias_init=init)
+    variables = theirs.init(jax.random.PRNGKey(0), x)
+    ours = Dense(16, kernel_init=init, bias_init=init)
+    chex.assert_trees_all_equal(ours.init(jax.random.PRNGKey(0), x), variables)
+
+    def loss(module):
+        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x).astype(jnp.float32)))
+
+    chex.assert_trees_all_equal(ours.apply(variables, x), theirs.apply(variables, x))
+    chex.assert_trees_all_equal(
+        jax.grad(loss(ours))(variables, x), jax.grad(loss(theirs))(variables, x)
+    )
+
+    narrow = Dense(16, dtype=jnp.bfloat16, kernel_init=init, bias_init=init)
+    x16 = x.astype(jnp.bfloat16)
+    out = narrow.apply(variables, x16)
+    assert out.dtype == jnp.bfloat16
+    grads = jax.grad(loss(narrow))(variables, x16)
+    chex.assert_trees_all_equal_shapes_and_dtypes(grads, variables)  # float32 gradients
+    # The kernel gradient is lhs.T @ g of the bfloat16 operands, summed in float32 and not
+    # rounded to bfloat16: far closer to the exact product than bfloat16's 2**-8.
+    g = jax.vjp(lambda v: narrow.apply(v, x16), variables)[1]
+    cotangent = jnp.asarray(rng.standard_normal((8, 16)), jnp.bfloat16)
+    d_kernel = g(cotangent)[0]["params"]["kernel"]
+    exact = np.asarray(x16, np.float64).T @ np.asarray(cotangent, np.float64)
+    np.testing.assert_allclose(np.asarray(d_kernel, np.float64), exact, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="batch, features"):
+        Dense(4).init(jax.random.PRNGKey(0), jnp.zeros((2, 3, 5)))
 
 
 @pytest.mark.parametrize("groups", [1, 2])
