@@ -131,6 +131,7 @@ def test_the_converter_and_the_benchmarks_run_from_any_directory(tmp_path):
         [sys.executable, "-m", "alexnet_jax.plots", "--help"],
         [sys.executable, os.path.join(ROOT, "benchmarks", "compare_pytorch.py"), "--help"],
         [sys.executable, os.path.join(ROOT, "benchmarks", "input_pipeline.py"), "--help"],
+        [sys.executable, os.path.join(ROOT, "benchmarks", "conv_layers.py"), "--help"],
     ]
     for command in commands:
         result = subprocess.run(

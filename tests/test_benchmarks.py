@@ -91,3 +91,47 @@ def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
     )
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"ratio"' in last and last.startswith("{")
+
+
+def test_the_conv_layer_benchmark_times_the_networks_own_layers():
+    import conv_layers
+
+    for variant, size in (("paper", 227), ("torchvision", 224)):
+        net = model.AlexNet(variant=variant)
+        images = np.zeros((1, size, size, 3), np.float32)
+        variables = net.init(jax.random.PRNGKey(0), images)
+        _, state = net.apply(variables, images, mutable=["intermediates"])
+        outputs = {k: v[0].shape[1:] for k, v in state["intermediates"].items()}
+        previous = (size, size, 3)
+        for index, (name, image, kernel, stride, pad) in enumerate(
+            conv_layers.layer_shapes(variant)
+        ):
+            assert name == f"conv{index + 1}"
+            assert image == previous  # what the layer before gives it (after its pool)
+            assert kernel == variables["params"][name]["kernel"].shape
+            y = jax.eval_shape(
+                lambda x, k, s=stride, p=pad: jax.lax.conv_general_dilated(
+                    x, k, (s, s), [(p, p)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC")
+                ),
+                jax.ShapeDtypeStruct((1, *image), np.float32),
+                jax.ShapeDtypeStruct(kernel, np.float32),
+            )
+            assert y.shape[-1] == kernel[-1]
+            previous = outputs[f"{name}_out"]
+
+
+@pytest.mark.slow
+def test_the_conv_layer_benchmark_runs_and_ends_with_json():
+    import json
+
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "conv_layers.py"), "--variant",
+         "torchvision", "--batch", "1", "--repeats", "1", "--json"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [row["layer"] for row in table["layers"]] == [f"conv{i}" for i in range(1, 6)]
+    for row in table["layers"]:
+        for runner in ("ours", "xla", "torch"):
+            assert row[f"{runner} forward"] > 0 and row[f"{runner} backward"] > 0

@@ -1,0 +1,176 @@
+"""Times each AlexNet convolution alone, forward and forward+backward, three ways.
+
+    python benchmarks/conv_layers.py [--variant paper|torchvision] [--batch 32]
+        [--precision bf16|fp32] [--repeats 5] [--host_memory auto|reuse|system] [--json]
+
+- ``ours``: ``alexnet_jax.shifted_conv.conv2d``, what ``layers.Conv`` runs (on the CPU in
+  bf16: matrix products; otherwise XLA's convolution).
+- ``xla``: ``lax.conv_general_dilated``, XLA's own convolution (in bf16 XLA:CPU computes it
+  in fp32).
+- ``torch``: ``torch.nn.functional.conv2d`` on ``channels_last`` tensors (with bf16 under
+  ``torch.autocast``), PyTorch's fastest eager convolution on the CPU (oneDNN); skipped when
+  PyTorch is not installed.
+
+Each layer at its place in the network (the input shape the previous layers give a 227² or
+224² image), the compile options of the train step. conv1's backward is its kernel gradient
+alone, as in training (the image needs no gradient); the others' are both gradients. The
+runners alternate within each repeat; each figure is the median, in milliseconds. With
+``--json`` the last line is the table as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+from alexnet_jax import host_memory
+
+
+def layer_shapes(variant: str):
+    """(name, input NHWC without N, kernel HWIO, stride, padding) of each conv layer."""
+    from alexnet_jax.model import SPECS, spatial_sizes
+
+    spec = SPECS[variant]
+    size = 227 if variant == "paper" else 224
+    sizes = spatial_sizes(variant, size)
+    height, channels, layers = size, 3, []
+    for index, conv in enumerate(spec.convs):
+        name = f"conv{index + 1}"
+        layers.append(
+            (name, (height, height, channels), (conv.kernel, conv.kernel, channels, conv.features),
+             conv.stride, conv.padding)
+        )  # fmt: skip
+        height, channels = sizes[name], conv.features
+    return layers
+
+
+def timed(fns, repeats):
+    """Median seconds of each callable, the callables alternating within each repeat."""
+    for fn in fns.values():
+        fn()  # compile and warm up
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def jax_runners(layer, batch, precision):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from alexnet_jax import shifted_conv, steps
+
+    name, image, kernel_shape, stride, pad = layer
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, *image)), dtype)
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape) * 0.05, dtype)
+    strides, padding = (stride, stride), ((pad, pad), (pad, pad))
+    options = dict(steps.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+    runners = {}
+    for label, conv in (("ours", shifted_conv.conv2d), ("xla", shifted_conv.lax_conv2d)):
+
+        def forward(x, kernel, conv=conv):
+            return conv(x, kernel, strides, padding)
+
+        y = jax.jit(forward)(x, kernel)
+        g = jnp.asarray(rng.standard_normal(y.shape), dtype)
+        if name == "conv1":  # the kernel gradient alone, as in training
+
+            def backward(x, kernel, g, forward=forward):
+                return jax.vjp(lambda k: forward(x, k), kernel)[1](g)
+        else:
+
+            def backward(x, kernel, g, forward=forward):
+                return jax.vjp(forward, x, kernel)[1](g)
+
+        fwd = jax.jit(forward).lower(x, kernel).compile(options)
+        bwd = jax.jit(backward).lower(x, kernel, g).compile(options)
+        runners[f"{label} forward"] = lambda fwd=fwd: jax.block_until_ready(fwd(x, kernel))
+        runners[f"{label} backward"] = lambda bwd=bwd, g=g: jax.block_until_ready(bwd(x, kernel, g))
+    return runners
+
+
+def torch_runners(layer, batch, precision):
+    try:
+        import torch
+    except ImportError:
+        return {}
+    name, image, kernel_shape, stride, pad = layer
+    height, width, channels = image
+    kh, kw, _, features = kernel_shape
+    x = torch.randn(batch, channels, height, width).to(memory_format=torch.channels_last)
+    weight = (torch.randn(features, channels, kh, kw) * 0.05).to(memory_format=torch.channels_last)
+    weight.requires_grad_(True)
+    x.requires_grad_(name != "conv1")
+    bf16 = precision == "bf16"
+
+    def forward():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad)
+
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        shape = torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad).shape
+    g = torch.randn(shape).to(memory_format=torch.channels_last)
+    if bf16:
+        g = g.to(torch.bfloat16)
+
+    def backward():
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            y = torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad)
+        inputs = (x, weight) if x.requires_grad else (weight,)
+        return torch.autograd.grad(y, inputs, g)
+
+    return {"torch forward": forward, "torch backward": backward}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variant", choices=["paper", "torchvision"], default="paper")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--host_memory", choices=host_memory.MODES, default="auto")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.batch < 1 or args.repeats < 1:
+        parser.error("--batch and --repeats must be at least 1")
+    reused = host_memory.configure(args.host_memory)  # before JAX and PyTorch start threads
+
+    import jax
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    print(f"{platform.processor() or platform.machine()}; jax {jax.__version__} on "
+          f"{jax.devices()[0].device_kind}; torch {torch_version or 'not installed'}; "
+          f"{args.variant}, {args.precision}, batch {args.batch}; host memory "
+          f"{'kept' if reused else 'system'}; milliseconds, median of {args.repeats}")  # fmt: skip
+    rows = []
+    for layer in layer_shapes(args.variant):
+        runners = jax_runners(layer, args.batch, args.precision)
+        runners.update(torch_runners(layer, args.batch, args.precision))
+        seconds = timed(runners, args.repeats)
+        row = {"layer": layer[0], **{k: round(v * 1e3, 2) for k, v in seconds.items()}}
+        rows.append(row)
+        print(f"{layer[0]}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "layer"))
+        sys.stdout.flush()
+    if args.json:
+        summary = {"variant": args.variant, "precision": args.precision, "batch": args.batch}
+        print(json.dumps({**summary, "torch": torch_version, "layers": rows}))
+
+
+if __name__ == "__main__":
+    main()
