@@ -14,7 +14,8 @@ building patches:
   side are one row of ``(N * Hp * Wp / kw, kw * C)`` when ``t`` steps by ``kw``, which is a
   reshape of a contiguous slice (no copy of overlapping windows). ``kw`` such products, one
   per phase ``t mod kw``, with every kernel row's weights side by side, give each kernel
-  row's contribution at every row; a fused sum of ``kh`` row-shifted slices finishes it.
+  row's contribution at every row; per output phase, a fused sum of ``kh`` contiguous
+  slices of them finishes it.
 - The input gradient is the same convolution of the output gradient with the kernel turned
   by 180 degrees. The kernel gradient contracts over rows, with the output gradient
   transposed (``(C_out, rows)``) once per phase. XLA would fold a plain transpose into the
@@ -42,8 +43,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-Padding = tuple[tuple[int, int], tuple[int, int]]
-
 
 def _bits(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(x, jnp.uint16)
@@ -65,8 +64,8 @@ def _transposed(bits: jax.Array) -> jax.Array:
     identity: exact, on the matrix units, and never folded into the product that consumes it.
     (A plain transpose is folded into that product as a transposed operand, which sends it
     off the fast kernel; a transpose fused with anything else runs far below memory speed.)
-    A non-finite entry spreads NaN over its row of the result: the gradient is non-finite
-    either way."""
+    A non-finite entry turns its whole row of the input into NaN in the result: the gradient
+    is non-finite either way."""
     eye = jnp.eye(bits.shape[1], dtype=jnp.bfloat16)
     dims = (((1,), (1,)), ((), ()))
     t = lax.dot_general(eye, _bf16(bits), dims, preferred_element_type=jnp.float32)
@@ -198,8 +197,8 @@ def _forward(x, kernel, pad):
     flat = _rows(_bits(x), pad, kw * per_phase + kw)
     # weights[j * C + c, i * F + f] = kernel[i, j, c, f]
     weights = jnp.transpose(_bits(kernel), (1, 2, 0, 3)).reshape(kw * channels, kh * features)
-    # phases[s][q, i * F + f]: kernel row i's contribution (all its columns) at pixel row
-    # kw * q + s + i * wp, for the output pixel row kw * q + s.
+    # phases[s][q, i * F + f] = sum over j of flat[kw * q + s + j] @ kernel[i, j]: what
+    # kernel row i adds to the output pixel row kw * q + s - i * wp.
     phases = [
         _product(lax.slice_in_dim(flat, s, s + kw * per_phase).reshape(per_phase, -1), weights)
         for s in range(kw)
