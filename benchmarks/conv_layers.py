@@ -1,7 +1,8 @@
 """Times each AlexNet convolution alone, forward and forward+backward, three ways.
 
     python benchmarks/conv_layers.py [--variant paper|torchvision] [--batch 32]
-        [--precision bf16|fp32] [--repeats 5] [--host_memory auto|reuse|system] [--json]
+        [--precision bf16|fp32] [--repeats 5] [--layers conv1,...,conv5]
+        [--host_memory auto|reuse|system] [--json]
 
 - ``ours``: ``alexnet_jax.shifted_conv.conv2d``, what ``layers.Conv`` runs (on the CPU in
   bf16: matrix products; otherwise XLA's convolution).
@@ -139,11 +140,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--layers", default="conv1,conv2,conv3,conv4,conv5",
+                        help="comma-separated conv layers to time")  # fmt: skip
     parser.add_argument("--host_memory", choices=host_memory.MODES, default="auto")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
+    names = [name for name in args.layers.split(",") if name]
+    known = [layer[0] for layer in layer_shapes(args.variant)]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        parser.error(f"--layers {args.layers!r}: choose from {','.join(known)}")
     reused = host_memory.configure(args.host_memory)  # before JAX and PyTorch start threads
 
     import jax
@@ -160,6 +168,8 @@ def main() -> None:
           f"{'kept' if reused else 'system'}; milliseconds, median of {args.repeats}")  # fmt: skip
     rows = []
     for layer in layer_shapes(args.variant):
+        if layer[0] not in names:
+            continue
         runners = jax_runners(layer, args.batch, args.precision)
         runners.update(torch_runners(layer, args.batch, args.precision))
         seconds = timed(runners, args.repeats)

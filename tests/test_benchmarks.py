@@ -126,12 +126,17 @@ def test_the_conv_layer_benchmark_runs_and_ends_with_json():
 
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "conv_layers.py"), "--variant",
-         "torchvision", "--batch", "1", "--repeats", "1", "--json"],
+         "torchvision", "--batch", "1", "--repeats", "1", "--layers", "conv1,conv3", "--json"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     table = json.loads(result.stdout.strip().splitlines()[-1])
-    assert [row["layer"] for row in table["layers"]] == [f"conv{i}" for i in range(1, 6)]
+    assert [row["layer"] for row in table["layers"]] == ["conv1", "conv3"]
     for row in table["layers"]:
         for runner in ("ours", "xla", "torch"):
             assert row[f"{runner} forward"] > 0 and row[f"{runner} backward"] > 0
+    bad = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "conv_layers.py"), "--layers", "fc6"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--layers 'fc6': choose from conv1" in bad.stderr
