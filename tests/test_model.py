@@ -340,9 +340,11 @@ def test_bfloat16_computation_with_float32_parameters():
     model32 = AlexNet(num_classes=10, initializer="he")
     model16 = AlexNet(num_classes=10, initializer="he", dtype=jnp.bfloat16)
     x = jax.random.uniform(jax.random.key(1), (8, 67, 67, 3)) * 2 - 1
-    variables = model16.init(jax.random.key(0), x)
+    variables = jax.jit(model16.init)(jax.random.key(0), x)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
-    out16, state = model16.apply(variables, x, mutable=["intermediates"])
+    # jitted: op by op, the bfloat16 convolutions' many small products each compile alone
+    apply16 = jax.jit(functools.partial(model16.apply, mutable=["intermediates"]))
+    out16, state = apply16(variables, x)
     assert out16.dtype == jnp.float32  # logits come back in float32
     assert state["intermediates"]["conv1_out"][0].dtype == jnp.bfloat16
     out32 = model32.apply(variables, x)
