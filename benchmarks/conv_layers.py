@@ -147,12 +147,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be at least 1")
+    reused = host_memory.configure(args.host_memory)  # before JAX and PyTorch start threads
     names = [name for name in args.layers.split(",") if name]
     known = [layer[0] for layer in layer_shapes(args.variant)]
-    unknown = sorted(set(names) - set(known))
-    if unknown or not names:
+    if sorted(set(names) - set(known)) or not names:
         parser.error(f"--layers {args.layers!r}: choose from {','.join(known)}")
-    reused = host_memory.configure(args.host_memory)  # before JAX and PyTorch start threads
 
     import jax
 
