@@ -154,43 +154,26 @@ def _accumulate(a, b, contract):
 
 @jax.custom_vjp
 def _mixed_matmul(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-    return _accumulate(lhs, rhs, ((1,), (0,))).astype(lhs.dtype)
+    """``lhs @ rhs`` with ``rhs`` rounded to ``lhs``'s dtype, accumulated in float32. The
+    gradient of ``rhs`` comes back in ``rhs``'s own dtype: for a float32 kernel, unrounded."""
+    return _accumulate(lhs, rhs.astype(lhs.dtype), ((1,), (0,))).astype(lhs.dtype)
 
 
 def _mixed_matmul_fwd(lhs, rhs):
-    return _mixed_matmul(lhs, rhs), (lhs, rhs)
+    narrow = rhs.astype(lhs.dtype)
+    out = _accumulate(lhs, narrow, ((1,), (0,))).astype(lhs.dtype)
+    return out, (lhs, narrow, jnp.zeros((0,), rhs.dtype))  # the last: only rhs's dtype
 
 
 def _mixed_matmul_bwd(residuals, g):
-    lhs, rhs = residuals
+    lhs, narrow, rhs_dtype = residuals
     g = g.astype(lhs.dtype)
-    d_lhs = _accumulate(g, rhs, ((1,), (1,))).astype(lhs.dtype)  # g @ rhs.T
-    d_rhs = _accumulate(lhs, g, ((0,), (0,))).astype(rhs.dtype)  # lhs.T @ g
+    d_lhs = _accumulate(g, narrow, ((1,), (1,))).astype(lhs.dtype)  # g @ rhs.T
+    d_rhs = _accumulate(lhs, g, ((0,), (0,))).astype(rhs_dtype.dtype)  # lhs.T @ g
     return d_lhs, d_rhs
 
 
 _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
-
-
-@jax.custom_vjp
-def _mixed_matmul_wide_kernel(lhs: jax.Array, kernel: jax.Array) -> jax.Array:
-    return _accumulate(lhs, kernel.astype(lhs.dtype), ((1,), (0,))).astype(lhs.dtype)
-
-
-def _mixed_matmul_wide_kernel_fwd(lhs, kernel):
-    narrow = kernel.astype(lhs.dtype)
-    return _accumulate(lhs, narrow, ((1,), (0,))).astype(lhs.dtype), (lhs, narrow)
-
-
-def _mixed_matmul_wide_kernel_bwd(residuals, g):
-    lhs, narrow = residuals
-    g = g.astype(lhs.dtype)
-    d_lhs = _accumulate(g, narrow, ((1,), (1,))).astype(lhs.dtype)  # g @ kernel.T
-    d_kernel = _accumulate(lhs, g, ((0,), (0,)))  # lhs.T @ g, kept in float32
-    return d_lhs, d_kernel
-
-
-_mixed_matmul_wide_kernel.defvjp(_mixed_matmul_wide_kernel_fwd, _mixed_matmul_wide_kernel_bwd)
 
 
 class Dense(nn.Module):
@@ -215,7 +198,7 @@ class Dense(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         x, narrow_kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if x.dtype in (jnp.bfloat16, jnp.float16):
-            y = _mixed_matmul_wide_kernel(x, kernel)
+            y = _mixed_matmul(x, kernel)  # the float32 kernel: its gradient stays float32
         else:
             y = lax.dot_general(x, narrow_kernel, (((1,), (0,)), ((), ())))
         return y + bias.reshape(1, -1)

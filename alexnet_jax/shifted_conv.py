@@ -138,7 +138,6 @@ def _as_products(x, kernel, strides, padding, feature_group_count) -> bool:
         and x.dtype == jnp.bfloat16
         and kernel.dtype == jnp.bfloat16
         and feature_group_count >= 1
-        and x.shape[-1] % feature_group_count == 0
         and kernel.shape[-1] % feature_group_count == 0
         and kernel.shape[2] * feature_group_count == x.shape[-1]
         and len(padding) == 2
