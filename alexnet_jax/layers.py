@@ -8,7 +8,8 @@ speed, chiefly on the CPU (``benchmarks/README.md`` has the measurements):
   XLA:CPU runs several times slower than the layer's forward pass; the backward here routes
   each output's gradient to the first position in its window that holds the maximum (the
   same position ``select_and_scatter`` picks, ties included), kept from the forward pass as
-  a one-byte index, summing masked gradients per stride phase.
+  a one-byte index, summing masked gradients per stride phase (float32) or spread back
+  by dilation (bfloat16), whichever XLA:CPU keeps in one loop.
   Comparisons and sums run in at least float32: XLA:CPU emulates bfloat16 arithmetic.
 - ``bias_add`` and ``Conv`` (``flax.linen.Conv``'s parameters and result): the bias
   gradient as a product with ones, which XLA:CPU runs far faster than the equivalent sum.
@@ -99,17 +100,55 @@ def _max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int], s
 def _max_pool_fwd(x, window, strides, shape):
     # The backward keeps only where each maximum came from (one byte per output), not the
     # input, whose producers (ReLU, LRN) XLA would recompute in the backward's fusions.
-    return _max_and_first_argmax(x, window, strides)
+    out, index = _max_and_first_argmax(x, window, strides)
+    # XLA would still recompute the index (nine comparisons of the input) inside each of
+    # the backward's terms: an in-place update of one of its own elements makes it a
+    # buffer of its own, read by the backward.
+    corner = lax.slice(index, (0,) * index.ndim, (1,) * index.ndim)
+    return out, lax.dynamic_update_slice(index, corner, (0,) * index.ndim)
 
 
 def _max_pool_bwd(window, strides, shape, index, g):
+    wide = _wide(g)
+    if wide.dtype == g.dtype:
+        grad = _routed_by_phases(window, strides, shape, index, wide)
+    else:
+        grad = _routed_dilated(window, strides, shape, index, wide)
+    return (grad.astype(g.dtype),)
+
+
+def _routed(index, position, wide):
+    return jnp.where(index == position, wide, jnp.zeros((), wide.dtype))
+
+
+def _routed_dilated(window, strides, shape, index, wide):
+    # Each window position's routed gradient, spread back onto the input grid by a pad
+    # with interior padding (the stride), summed over the positions in row-major order.
+    # One loop when the sum is rounded to a narrower dtype at the end (bfloat16); a
+    # float32 sum is fused into its consumers instead, which then read nine padded arrays
+    # XLA materializes, so float32 takes the phases below.
+    height, width = shape[1:3]
+    out_h, out_w = index.shape[1:3]
+    zero = jnp.zeros((), wide.dtype)
+    total = None
+    for i in range(window[0]):
+        for j in range(window[1]):
+            pads = ((0, 0, 0),
+                    (i, height - i - strides[0] * (out_h - 1) - 1, strides[0] - 1),
+                    (j, width - j - strides[1] * (out_w - 1) - 1, strides[1] - 1),
+                    (0, 0, 0))  # fmt: skip
+            term = lax.pad(_routed(index, i * window[1] + j, wide), zero, pads)
+            total = term if total is None else total + term
+    return total
+
+
+def _routed_by_phases(window, strides, shape, index, wide):
     # Each input row h = stride * a + phase receives from the window offsets i = phase +
     # stride * t of output rows a - t (columns likewise): per phase, a sum of shifted masked
     # gradients, then the phases interleaved. No zero-stuffed intermediate arrays.
     n, height, width, channels = shape
     out_h, out_w = index.shape[1:3]
     rows, cols = -(-height // strides[0]), -(-width // strides[1])  # per phase
-    wide = _wide(g)
     zero = jnp.zeros((), wide.dtype)
     phases = []
     for row_phase in range(strides[0]):
@@ -119,7 +158,7 @@ def _max_pool_bwd(window, strides, shape, index, g):
             for i in range(row_phase, window[0], strides[0]):
                 for j in range(col_phase, window[1], strides[1]):
                     t, u = (i - row_phase) // strides[0], (j - col_phase) // strides[1]
-                    routed = jnp.where(index == i * window[1] + j, wide, zero)
+                    routed = _routed(index, i * window[1] + j, wide)
                     pads = ((0, 0, 0), (t, rows - out_h - t, 0), (u, cols - out_w - u, 0),
                             (0, 0, 0))  # fmt: skip
                     total = total + lax.pad(routed, zero, pads)
@@ -127,7 +166,7 @@ def _max_pool_bwd(window, strides, shape, index, g):
         phases.append(jnp.stack(phase_row, axis=3))  # (n, rows, cols, stride, channels)
     grad = jnp.stack(phases, axis=2)  # (n, rows, stride, cols, stride, channels)
     grad = grad.reshape(n, rows * strides[0], cols * strides[1], channels)
-    return (grad[:, :height, :width, :].astype(g.dtype),)
+    return grad[:, :height, :width, :]
 
 
 _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alexnet_jax import layers
 from alexnet_jax.layers import Conv, Dense, bias_add, max_pool, mixed_dot_general
 
 
@@ -186,3 +187,22 @@ def test_bias_add_gradient_is_the_sum_over_everything_but_channels():
         np.testing.assert_array_equal(
             np.asarray(dx, np.float32), np.asarray(jnp.asarray(g, dtype), np.float32)
         )
+
+
+@pytest.mark.parametrize(
+    "shape, window, strides",
+    [((2, 13, 13, 5), (3, 3), (2, 2)), ((2, 12, 9, 3), (3, 3), (2, 2)),
+     ((1, 8, 8, 4), (2, 2), (2, 2)), ((2, 7, 10, 3), (3, 2), (1, 3))],
+)  # fmt: skip
+def test_both_backward_routes_give_the_same_float32_gradient(shape, window, strides):
+    # float32 gradients sum per stride phase, narrower ones by dilation; the same terms in
+    # the same order, so bit-identical (ties after a ReLU included).
+    rng = np.random.default_rng(3)
+    x = jnp.maximum(jnp.asarray(rng.standard_normal(shape), jnp.float32), 0)
+    _, index = layers._max_pool_fwd(x, window, strides, shape)
+    g = jnp.asarray(rng.standard_normal(index.shape), jnp.float32)
+    by_phases = layers._routed_by_phases(window, strides, shape, index, g)
+    dilated = layers._routed_dilated(window, strides, shape, index, g)
+    chex.assert_shape([by_phases, dilated], shape)
+    np.testing.assert_array_equal(np.asarray(by_phases), np.asarray(dilated))
+    assert float(jnp.sum(dilated)) == pytest.approx(float(jnp.sum(g)), rel=1e-5)
