@@ -24,7 +24,8 @@ speed, chiefly on the CPU (``benchmarks/README.md`` has the measurements):
   backward rounds the cotangent to the operands' dtype first, as mixed-precision training
   does. Float32 operands take the plain product.
 - ``Dense``: ``flax.linen.Dense``'s parameters and result, with that product, whose kernel
-  gradient stays in float32 (the update's dtype) instead of being rounded to bfloat16.
+  gradient stays in float32 (the update's dtype) instead of being rounded to bfloat16; in
+  float32, batches of few rows multiply in a form that keeps the product on Eigen.
 """
 
 from __future__ import annotations
@@ -217,9 +218,10 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 class Dense(nn.Module):
     """``flax.linen.Dense`` on (batch, features) inputs: the same parameters (``kernel``,
-    ``bias``, float32) and, in float32, the same computation. With a bfloat16 (or float16)
-    ``dtype`` the product accumulates in float32 (as ``mixed_dot_general``) and the kernel's
-    gradient stays in float32: ``flax.linen.Dense`` casts the kernel before the product, so
+    ``bias``, float32) and, in float32, the same computation (for at most ``FEW_ROWS`` rows
+    on the CPU, the same product in another form: ``_few_rows_matmul``). With a bfloat16 (or
+    float16) ``dtype`` the product accumulates in float32 (as ``mixed_dot_general``) and the
+    kernel's gradient stays in float32: ``flax.linen.Dense`` casts the kernel before the product, so
     its gradient is rounded to bfloat16 and widened again for the update, two passes over
     the largest tensors of the network (fc6's 38 M weights) and a rounding the update does
     not need."""
@@ -238,9 +240,50 @@ class Dense(nn.Module):
         x, narrow_kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if x.dtype in (jnp.bfloat16, jnp.float16):
             y = _mixed_matmul(x, kernel)  # the float32 kernel: its gradient stays float32
+        elif x.shape[0] <= FEW_ROWS:
+            y = _few_rows_matmul(x, narrow_kernel)
         else:
             y = lax.dot_general(x, narrow_kernel, (((1,), (0,)), ((), ())))
         return y + bias.reshape(1, -1)
+
+
+# A batch of at most this many rows takes `_few_rows_matmul` (float32 dense layers).
+FEW_ROWS = 96
+
+
+def _plain_matmul(x, kernel):
+    return lax.dot_general(x, kernel, (((1,), (0,)), ((), ())))
+
+
+@jax.custom_vjp
+def _few_rows_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` for a float32 batch of at most ``FEW_ROWS`` rows. The train step hands
+    float32 products to YNNPACK, which multiplies 32 rows by fc6's kernel at half Eigen's
+    speed (a product bound by reading the kernel). On the CPU the forward
+    product therefore takes ``x`` transposed (by a product with the identity, which XLA
+    does not fold away), a form YNNPACK does not take, so Eigen computes it. The backward
+    is the plain product's."""
+
+    def on_cpu(x, kernel):
+        eye = jnp.eye(x.shape[0], dtype=x.dtype)
+        x_t = lax.dot_general(x, eye, (((0,), (0,)), ((), ())))  # exact
+        return lax.dot_general(x_t, kernel, (((0,), (0,)), ((), ())))
+
+    return lax.platform_dependent(x, kernel, cpu=on_cpu, default=_plain_matmul)
+
+
+def _few_rows_matmul_fwd(x, kernel):
+    return _few_rows_matmul(x, kernel), (x, kernel)
+
+
+def _few_rows_matmul_bwd(residuals, g):
+    x, kernel = residuals
+    d_x = lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))  # g @ kernel.T
+    d_kernel = lax.dot_general(x, g, (((0,), (0,)), ((), ())))  # x.T @ g
+    return d_x, d_kernel
+
+
+_few_rows_matmul.defvjp(_few_rows_matmul_fwd, _few_rows_matmul_bwd)
 
 
 def bias_add(x: jax.Array, bias: jax.Array) -> jax.Array:

@@ -125,9 +125,21 @@ def test_dense_is_flax_dense_in_float32_and_keeps_a_float32_kernel_gradient_in_b
     def loss(module):
         return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x).astype(jnp.float32)))
 
-    chex.assert_trees_all_equal(ours.apply(variables, x), theirs.apply(variables, x))
+    # Eight rows take the few-rows product (another summation order, below); more rows than
+    # FEW_ROWS take flax's own.
+    chex.assert_trees_all_close(
+        ours.apply(variables, x), theirs.apply(variables, x), rtol=1e-5, atol=1e-5
+    )
+    chex.assert_trees_all_close(
+        jax.grad(loss(ours))(variables, x),
+        jax.grad(loss(theirs))(variables, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    many = jnp.tile(x, (layers.FEW_ROWS // 8 + 1, 1))
+    chex.assert_trees_all_equal(ours.apply(variables, many), theirs.apply(variables, many))
     chex.assert_trees_all_equal(
-        jax.grad(loss(ours))(variables, x), jax.grad(loss(theirs))(variables, x)
+        jax.grad(loss(ours))(variables, many), jax.grad(loss(theirs))(variables, many)
     )
 
     narrow = Dense(16, dtype=jnp.bfloat16, kernel_init=init, bias_init=init)
@@ -145,6 +157,29 @@ def test_dense_is_flax_dense_in_float32_and_keeps_a_float32_kernel_gradient_in_b
     np.testing.assert_allclose(np.asarray(d_kernel, np.float64), exact, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="batch, features"):
         Dense(4).init(jax.random.PRNGKey(0), jnp.zeros((2, 3, 5)))
+
+
+@pytest.mark.parametrize("rows", [1, 32, layers.FEW_ROWS])
+def test_few_rows_float32_product_is_the_plain_product(rows):
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.standard_normal((rows, 200)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((200, 24)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((rows, 24)), jnp.float32)
+    plain = jax.jit(jax.vjp, static_argnums=0)(layers._plain_matmul, x, kernel)
+    ours = jax.jit(jax.vjp, static_argnums=0)(layers._few_rows_matmul, x, kernel)
+    exact = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+    np.testing.assert_allclose(np.asarray(ours[0]), exact, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(ours[0], plain[0], rtol=1e-5, atol=1e-5)
+    # The backward is the plain product's, to the bit.
+    chex.assert_trees_all_equal(ours[1](cotangent), plain[1](cotangent))
+
+
+def test_few_rows_product_is_transposed_on_the_cpu_and_plain_elsewhere():
+    x, kernel = jnp.zeros((32, 64)), jnp.zeros((64, 8))
+    cpu = jax.export.export(jax.jit(layers._few_rows_matmul), platforms=["cpu"])(x, kernel)
+    gpu = jax.export.export(jax.jit(layers._few_rows_matmul), platforms=["cuda"])(x, kernel)
+    assert cpu.mlir_module().count("stablehlo.dot_general") == 2  # the transpose, the product
+    assert gpu.mlir_module().count("stablehlo.dot_general") == 1
 
 
 @pytest.mark.parametrize("groups", [1, 2])
