@@ -61,3 +61,29 @@ def test_plateau_schedule_in_a_real_run_reduces_the_rate_and_resumes_reduced(tmp
     assert train_lr == pytest.approx({1: 1e-9, 2: 1e-9, 3: 1e-9, 4: 1e-9, 5: 1e-10, 6: 1e-10})
     top1 = [r["top1"] for r in records if r["split"] == "eval"]
     assert top1[0] == top1[1] == top1[2]  # the plateau the schedule saw
+
+
+def test_all_finite_finds_any_nan_or_infinity_in_any_leaf():
+    rng = np.random.default_rng(0)
+    tree = {
+        "kernel": jnp.asarray(rng.standard_normal((3, 3, 4, 8)), jnp.float32),
+        "bias": jnp.asarray(rng.standard_normal((8,)), jnp.float32),
+        "scale": jnp.asarray(2.5, jnp.float32),
+        "narrow": jnp.asarray(rng.standard_normal((5, 7)), jnp.bfloat16),
+        "count": jnp.asarray([1, 2, 3], jnp.int32),
+        "empty": jnp.zeros((0, 4), jnp.float32),
+    }
+    check = jax.jit(steps.all_finite)
+    assert bool(check(tree))
+    for name, index in [("kernel", (2, 1, 3, 7)), ("bias", (0,)), ("scale", ()),
+                        ("narrow", (4, 0))]:  # fmt: skip
+        for bad in (np.nan, np.inf, -np.inf):
+            broken = dict(tree, **{name: tree[name].at[index].set(bad)})
+            assert not bool(check(broken)), (name, bad)
+    # +inf and -inf in one column, and in two leaves: still caught.
+    both = dict(tree, kernel=tree["kernel"].at[0, 0, 0, 0].set(np.inf).at[1, 0, 0, 0].set(-np.inf))
+    assert not bool(check(both))
+    apart = dict(tree, bias=tree["bias"].at[0].set(np.inf), scale=jnp.asarray(-np.inf))
+    assert not bool(check(apart))
+    # Large but finite entries whose sum stays in range are finite.
+    assert bool(check({"big": jnp.full((4, 4), 1e36, jnp.float32)}))
