@@ -221,10 +221,10 @@ class Dense(nn.Module):
     ``bias``, float32) and, in float32, the same computation (for at most ``FEW_ROWS`` rows
     on the CPU, the same product in another form: ``_few_rows_matmul``). With a bfloat16 (or
     float16) ``dtype`` the product accumulates in float32 (as ``mixed_dot_general``) and the
-    kernel's gradient stays in float32: ``flax.linen.Dense`` casts the kernel before the product, so
-    its gradient is rounded to bfloat16 and widened again for the update, two passes over
-    the largest tensors of the network (fc6's 38 M weights) and a rounding the update does
-    not need."""
+    kernel's gradient stays in float32: ``flax.linen.Dense`` casts the kernel before the
+    product, so its gradient is rounded to bfloat16 and widened again for the update, two
+    passes over the largest tensors of the network (fc6's 38 M weights) and a rounding the
+    update does not need."""
 
     features: int
     dtype: Any = None
@@ -240,7 +240,7 @@ class Dense(nn.Module):
         x, narrow_kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if x.dtype in (jnp.bfloat16, jnp.float16):
             y = _mixed_matmul(x, kernel)  # the float32 kernel: its gradient stays float32
-        elif x.shape[0] <= FEW_ROWS:
+        elif isinstance(x.shape[0], int) and x.shape[0] <= FEW_ROWS:  # not symbolic (export)
             y = _few_rows_matmul(x, narrow_kernel)
         else:
             y = lax.dot_general(x, narrow_kernel, (((1,), (0,)), ((), ())))
@@ -259,10 +259,10 @@ def _plain_matmul(x, kernel):
 def _few_rows_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``x @ kernel`` for a float32 batch of at most ``FEW_ROWS`` rows. The train step hands
     float32 products to YNNPACK, which multiplies 32 rows by fc6's kernel at half Eigen's
-    speed (a product bound by reading the kernel). On the CPU the forward
-    product therefore takes ``x`` transposed (by a product with the identity, which XLA
-    does not fold away), a form YNNPACK does not take, so Eigen computes it. The backward
-    is the plain product's."""
+    speed (a product bound by reading the kernel). On the CPU the forward product therefore
+    takes ``x`` transposed (by a product with the identity, which XLA does not fold away), a
+    form YNNPACK does not take, so Eigen computes it; from about 128 rows on, the plain
+    product is faster. The backward is the plain product's."""
 
     def on_cpu(x, kernel):
         eye = jnp.eye(x.shape[0], dtype=x.dtype)

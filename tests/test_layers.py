@@ -182,6 +182,17 @@ def test_few_rows_product_is_transposed_on_the_cpu_and_plain_elsewhere():
     assert gpu.mlir_module().count("stablehlo.dot_general") == 1
 
 
+def test_dense_exports_with_a_symbolic_batch():
+    # A batch of unknown size cannot be compared with FEW_ROWS: it takes the plain product.
+    dense = Dense(6)
+    variables = dense.init(jax.random.PRNGKey(0), jnp.zeros((2, 5)))
+    (batch,) = jax.export.symbolic_shape("batch")
+    spec = jax.ShapeDtypeStruct((batch, 5), jnp.float32)
+    exported = jax.export.export(jax.jit(lambda x: dense.apply(variables, x)))(spec)
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((200, 5)), jnp.float32)
+    chex.assert_trees_all_close(exported.call(x), dense.apply(variables, x), rtol=1e-6)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_conv_has_flax_convs_parameters_and_results(groups):
     rng = np.random.default_rng(5)
