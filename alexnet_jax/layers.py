@@ -196,7 +196,7 @@ def _accumulate(a, b, contract):
 def _mixed_matmul(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     """``lhs @ rhs`` with ``rhs`` rounded to ``lhs``'s dtype, accumulated in float32. The
     gradient of ``rhs`` comes back in ``rhs``'s own dtype: for a float32 kernel, unrounded."""
-    return _accumulate(lhs, rhs.astype(lhs.dtype), ((1,), (0,))).astype(lhs.dtype)
+    return _mixed_matmul_fwd(lhs, rhs)[0]
 
 
 def _mixed_matmul_fwd(lhs, rhs):
@@ -243,7 +243,7 @@ class Dense(nn.Module):
         elif isinstance(x.shape[0], int) and x.shape[0] <= FEW_ROWS:  # not symbolic (export)
             y = _few_rows_matmul(x, narrow_kernel)
         else:
-            y = lax.dot_general(x, narrow_kernel, (((1,), (0,)), ((), ())))
+            y = _plain_matmul(x, narrow_kernel)
         return y + bias.reshape(1, -1)
 
 
@@ -303,13 +303,18 @@ def _bias_add_fwd(x, bias):
 
 
 def _bias_add_bwd(empty, g):
-    rows = g.reshape(-1, g.shape[-1])
-    ones = jnp.ones((1, rows.shape[0]), g.dtype)
-    d_bias = _accumulate(ones, rows, ((1,), (0,)))[0]
-    return g, d_bias.astype(empty.dtype)
+    return g, column_sums(g).astype(empty.dtype)
 
 
 _bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
+
+
+def column_sums(x: jax.Array) -> jax.Array:
+    """``x`` summed over every axis but the last, in float32, as a product with a vector of
+    ones: XLA:CPU runs it at memory speed, far faster than the equivalent reduction."""
+    rows = x.reshape(-1, x.shape[-1])
+    ones = jnp.ones((1, rows.shape[0]), x.dtype)
+    return _accumulate(ones, rows, ((1,), (0,)))[0]
 
 
 class Conv(nn.Module):
