@@ -145,3 +145,59 @@ def test_conv_layer_in_bfloat16_follows_float32():
     assert got.dtype == BF16
     # the bf16 rounding of the kernel adds its own error: a few steps
     assert _relative_error(got, expected) <= 4 * EPS
+
+
+@pytest.mark.parametrize(
+    "image, kernel_shape, strides, padding, groups",
+    [
+        ((2, 12, 12, 8), (5, 5, 6), (1, 1), ((2, 2), (2, 2)), 2),  # the paper's conv2 towers
+        ((2, 9, 9, 12), (3, 3, 6), (1, 1), ((1, 1), (1, 1)), 3),
+        ((2, 10, 9, 8), (3, 3, 4), (2, 2), ((0, 1), (1, 0)), 2),  # strided, asymmetric
+        ((2, 9, 9, 6), (3, 3, 6), (1, 1), ((1, 1), (1, 1)), 6),  # depthwise: XLA's own
+    ],
+)
+def test_float32_groups_match_xla_grouped_conv(image, kernel_shape, strides, padding, groups):
+    """float32 grouped convolutions, which run group by group on the CPU (``_by_groups``),
+    against XLA's grouped convolution: forward and both gradients."""
+    rng = np.random.default_rng(4)
+    kh, kw, features = kernel_shape
+    x = jnp.asarray(rng.standard_normal(image), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((kh, kw, image[-1] // groups, features)), jnp.float32)
+
+    def ours(x, kernel):
+        return shifted_conv.conv2d(x, kernel, strides, padding, groups)
+
+    def reference(x, kernel):
+        return shifted_conv.lax_conv2d(x, kernel, strides, padding, groups)
+
+    y = jax.jit(ours)(x, kernel)
+    chex.assert_trees_all_close(y, reference(x, kernel), rtol=1e-5, atol=1e-5)
+    cotangent = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    grads = jax.jit(lambda x, k, g: jax.vjp(ours, x, k)[1](g))(x, kernel, cotangent)
+    expected = jax.vjp(reference, x, kernel)[1](cotangent)
+    chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-4)
+
+    if jax.default_backend() == "cpu":
+        text = _compiled_text(lambda x, k, g: jax.vjp(ours, x, k)[1](g), x, kernel, cotangent)
+        if kernel.shape[2] > 1:  # one plain convolution per group, forward and backward
+            assert "feature_group_count" not in text and "batch_group_count" not in text
+        else:
+            assert "feature_group_count" in text
+
+
+def test_grouped_float32_keeps_one_convolution_on_other_platforms():
+    x = jnp.zeros((2, 13, 13, 16), jnp.float32)
+    kernel = jnp.zeros((3, 3, 8, 8), jnp.float32)
+
+    def loss(x, kernel):
+        return jnp.sum(shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 2))
+
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    gpu = jax.export.export(fn, platforms=["cuda"])(x, kernel).mlir_module()
+    # the gradients alone (the loss's forward convolution is dead code): the input gradient
+    # grouped by features, the kernel gradient by batch
+    assert gpu.count("stablehlo.convolution") == 2
+    assert "feature_group_count = 2" in gpu and "batch_group_count = 2" in gpu
+    cpu = jax.export.export(fn, platforms=["cpu"])(x, kernel).mlir_module()
+    assert cpu.count("stablehlo.convolution") == 4  # the same, once per group
+    assert "feature_group_count = 2" not in cpu and "batch_group_count = 2" not in cpu
