@@ -1,13 +1,14 @@
 """Our steps against PyTorch at its best, side by side, in one run on one machine.
 
     python benchmarks/compare_pytorch.py [--device cpu|gpu] [--variant paper,torchvision]
-        [--precision fp32,bf16] [--batch 32] [--steps 5] [--repeats 5]
+        [--precision fp32,bf16] [--groups 1|2] [--batch 32] [--steps 5] [--repeats 5]
         [--host_memory auto|reuse|system] [--json]
 
 JAX: the real pmap-ed steps of ``alexnet_jax.steps`` (what ``main.py`` runs), on one device
 (PyTorch runs on one; on a CPU one XLA device uses every core, as PyTorch's threads do), on
 uint8 images normalized inside the step; bf16 is ``config.half_precision`` (bfloat16
-compute, float32 parameters and optimizer state).
+compute, float32 parameters and optimizer state). ``--groups 2`` splits conv2, conv4 and conv5
+into the paper's two towers (``config.model.groups``; ``groups=2`` in PyTorch's ``Conv2d``).
 
 PyTorch: the same network (LRN as ``nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2)``,
 the paper's alpha x size), SGD with momentum 0.9 and weight decay 5e-4, cross-entropy, in
@@ -54,7 +55,7 @@ TORCH_MODES = ("eager", "channels_last", "compile", "compile+cl")
 PAUSE_S = 0.5  # before each timed repeat
 
 
-def jax_config(variant: str, precision: str, batch: int):
+def jax_config(variant: str, precision: str, batch: int, groups: int = 1):
     config = default_config()
     config.dataset = "synthetic"
     config.num_classes = 1000
@@ -63,19 +64,22 @@ def jax_config(variant: str, precision: str, batch: int):
     config.batch_size = config.eval_batch_size = batch
     config.half_precision = precision == "bf16"
     config.model.variant = variant
+    config.model.groups = groups
     config.model.initializer = None  # the variant's own
     config.input.normalization = "mean_std"
     config.lr_schedule = "constant"
     return config
 
 
-def forward_flops(variant: str, size: int, num_classes: int = 1000) -> float:
-    """Multiply-adds x 2 of one image's forward pass through the convs and dense layers."""
+def forward_flops(variant: str, size: int, num_classes: int = 1000, groups: int = 1) -> float:
+    """Multiply-adds x 2 of one image's forward pass through the convs and dense layers (a
+    grouped conv's filters each see ``1 / groups`` of the channels)."""
     spec = model_lib.SPECS[variant]
     flops, channels = 0.0, 3
     for conv in spec.convs:
         out = (size + 2 * conv.padding - conv.kernel) // conv.stride + 1
-        flops += 2.0 * out * out * conv.features * conv.kernel**2 * channels
+        seen = channels // groups if conv.grouped else channels
+        flops += 2.0 * out * out * conv.features * conv.kernel**2 * seen
         size = (out - 3) // 2 + 1 if conv.pool else out
         channels = conv.features
     features = (spec.adaptive_pool or size) ** 2 * channels
@@ -133,9 +137,9 @@ def matmul_peak(platform_name: str, size: int, repeats: int = 5) -> dict[str, fl
 # --- JAX -------------------------------------------------------------------------------------
 
 
-def jax_runner(variant: str, precision: str, batch: int, platform_name: str):
+def jax_runner(variant: str, precision: str, batch: int, platform_name: str, groups: int = 1):
     devices = jax.devices(platform_name)[:1]
-    config = jax_config(variant, precision, batch)
+    config = jax_config(variant, precision, batch, groups)
     size = config.image_size
     model = steps.create_model(config, config.num_classes)
     with jax.default_device(devices[0]):
@@ -173,15 +177,18 @@ def jax_runner(variant: str, precision: str, batch: int, platform_name: str):
 # --- PyTorch ---------------------------------------------------------------------------------
 
 
-def torch_alexnet(variant: str, num_classes: int = 1000):
+def torch_alexnet(variant: str, num_classes: int = 1000, groups: int = 1):
     """The variant built from torch.nn, layer for layer as ``alexnet_jax.model.SPECS``."""
     from torch import nn
 
     spec = model_lib.SPECS[variant]
     layers, channels = [], 3
     for conv in spec.convs:
+        conv_groups = groups if conv.grouped else 1
         layers += [
-            nn.Conv2d(channels, conv.features, conv.kernel, conv.stride, conv.padding),
+            nn.Conv2d(
+                channels, conv.features, conv.kernel, conv.stride, conv.padding, groups=conv_groups
+            ),  # fmt: skip
             nn.ReLU(inplace=True),
         ]
         if conv.lrn and spec.use_lrn:
@@ -203,14 +210,14 @@ def torch_alexnet(variant: str, num_classes: int = 1000):
     return nn.Sequential(*layers)
 
 
-def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool):
+def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool, groups=1):
     """PyTorch's train and eval steps in ``mode`` (see ``TORCH_MODES``)."""
     import torch
 
     torch.manual_seed(0)
     device = torch.device("cuda" if gpu else "cpu")
     size = IMAGE_SIZE[variant]
-    net = torch_alexnet(variant).to(device)
+    net = torch_alexnet(variant, groups=groups).to(device)
     channels_last = mode in ("channels_last", "compile+cl")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
@@ -306,18 +313,21 @@ def fresh_torch_compiler() -> None:
 
 def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
     fresh_torch_compiler()  # the previous variant's graphs are not run again
-    runners = {"jax": jax_runner(variant, precision, args.batch, platform_name)}
+    runners = {"jax": jax_runner(variant, precision, args.batch, platform_name, args.groups)}
     for mode in args.torch_modes:
-        runners[f"torch_{mode}"] = torch_runner(variant, precision, args.batch, mode, gpu)
+        runners[f"torch_{mode}"] = torch_runner(
+            variant, precision, args.batch, mode, gpu, args.groups
+        )
     train, train_faults = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 0)
     evaluation, eval_faults = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 1)
     torch_names = [n for n in runners if n != "jax"]
     best_train = max(torch_names, key=train.get)
     best_eval = max(torch_names, key=evaluation.get)
-    fwd = forward_flops(variant, IMAGE_SIZE[variant])
+    fwd = forward_flops(variant, IMAGE_SIZE[variant], groups=args.groups)
     result = {
         "variant": variant,
         "precision": precision,
+        "groups": args.groups,
         "train_img_s": {n: round(v, 2) for n, v in train.items()},
         "eval_img_s": {n: round(v, 2) for n, v in evaluation.items()},
         "best_torch_train": best_train,
@@ -336,8 +346,9 @@ def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
 
 
 def print_result(result: dict) -> None:
-    print(f"\n{result['variant']}, {result['precision']}: images/s (GFLOP/s, share of the "
-          f"{result['precision']} peak)")  # fmt: skip
+    towers = f", groups {result['groups']}" if result["groups"] > 1 else ""
+    print(f"\n{result['variant']}{towers}, {result['precision']}: images/s (GFLOP/s, share of "
+          f"the {result['precision']} peak)")  # fmt: skip
     print(f"  {'':18}{'train':>24}{'eval':>10}{'page faults/step':>20}")
     for name, rate in result["train_img_s"].items():
         share = result["train_peak_share"][name]
@@ -355,6 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--variant", default="paper,torchvision", help="comma-separated")
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated")
+    parser.add_argument("--groups", type=int, default=1,
+                        help="towers of conv2, conv4, conv5 (2: the paper's)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
@@ -375,6 +388,14 @@ def main(argv: list[str] | None = None) -> dict:
         bad = [v for v in value if v not in allowed]
         if bad:
             parser.error(f"{flag}: {bad} not among {list(allowed)}")
+    for variant in variants:
+        spec = model_lib.SPECS[variant]
+        channels = [3] + [conv.features for conv in spec.convs]
+        grouped = [n for conv, c in zip(spec.convs, channels, strict=False) if conv.grouped
+                   for n in (c, conv.features)]  # fmt: skip
+        if args.groups < 1 or any(n % args.groups for n in grouped):
+            parser.error(f"--groups {args.groups}: must be >= 1 and divide the {variant} "
+                         f"variant's grouped channels {sorted(set(grouped))}")  # fmt: skip
 
     reused = host_memory.configure(args.host_memory)  # before JAX and PyTorch start threads
     import torch

@@ -18,12 +18,15 @@ from alexnet_jax import model  # noqa: E402
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,size,params", [("paper", 227, 62_378_344),
-                                                 ("torchvision", 224, 61_100_840)])  # fmt: skip
-def test_the_pytorch_network_is_ours(variant, size, params):
-    net = compare_pytorch.torch_alexnet(variant)
+@pytest.mark.parametrize(
+    "variant,size,groups,params",
+    [("paper", 227, 1, 62_378_344), ("paper", 227, 2, 60_965_224),  # 2: the paper's towers
+     ("torchvision", 224, 1, 61_100_840)],
+)  # fmt: skip
+def test_the_pytorch_network_is_ours(variant, size, groups, params):
+    net = compare_pytorch.torch_alexnet(variant, groups=groups)
     assert sum(p.numel() for p in net.parameters()) == params
-    ours = model.AlexNet(variant=variant).init(
+    ours = model.AlexNet(variant=variant, groups=groups).init(
         jax.random.PRNGKey(0), np.zeros((1, size, size, 3), np.float32)
     )
     assert model.count_params(ours["params"]) == params
@@ -42,6 +45,16 @@ def test_forward_flops_are_the_layer_arithmetic():
              + 4096 * 1000)  # fmt: skip
     assert compare_pytorch.forward_flops("paper", 227) == 2 * paper == 2_270_512_192
     assert compare_pytorch.forward_flops("torchvision", 224) == 1_428_376_960
+    # the paper's two towers: conv2, conv4 and conv5's filters see half the channels
+    towers = paper - (27 * 27 * 256 * 2400 + 13 * 13 * 384 * 3456 + 13 * 13 * 256 * 3456) // 2
+    assert compare_pytorch.forward_flops("paper", 227, groups=2) == 2 * towers
+
+
+def test_groups_that_do_not_divide_the_channels_are_refused():
+    with pytest.raises(SystemExit):
+        compare_pytorch.main(["--groups", "5", "--host_memory", "system"])
+    with pytest.raises(SystemExit):
+        compare_pytorch.main(["--groups", "0", "--host_memory", "system"])
 
 
 def test_the_benchmark_does_not_import_tensorflow():
