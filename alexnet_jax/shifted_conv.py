@@ -140,9 +140,8 @@ def _grouped(x, kernel, one_group, groups):
 def _by_groups(x, kernel, feature_group_count) -> bool:
     """Whether XLA:CPU should convolve group by group: a grouped convolution with more than
     one channel per group. XLA:CPU's gradient of a grouped convolution takes time in proportion
-    to the number of groups (the paper's two towers: conv2's 108 ms one group at a time, 940 ms
-    grouped, in float32 at batch 32); depthwise convolutions (one channel per group) it runs
-    faster itself."""
+    to the number of groups, several times one group's at a time; depthwise convolutions (one
+    channel per group) it runs faster itself (``benchmarks/README.md``)."""
     return (
         x.ndim == 4
         and kernel.ndim == 4
