@@ -188,7 +188,7 @@ def torch_alexnet(variant: str, num_classes: int = 1000, groups: int = 1):
         layers += [
             nn.Conv2d(
                 channels, conv.features, conv.kernel, conv.stride, conv.padding, groups=conv_groups
-            ),  # fmt: skip
+            ),
             nn.ReLU(inplace=True),
         ]
         if conv.lrn and spec.use_lrn:
@@ -210,7 +210,7 @@ def torch_alexnet(variant: str, num_classes: int = 1000, groups: int = 1):
     return nn.Sequential(*layers)
 
 
-def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool, groups=1):
+def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool, groups: int = 1):
     """PyTorch's train and eval steps in ``mode`` (see ``TORCH_MODES``)."""
     import torch
 
