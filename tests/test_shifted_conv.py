@@ -2,6 +2,8 @@
 
 The reference is ``lax.conv_general_dilated`` in float32 on the same bfloat16 values: ours
 accumulates in float32 and rounds once, so forward and gradients agree to bfloat16's rounding.
+float32 grouped convolutions, which ``conv2d`` runs group by group on the CPU, are checked
+against XLA's grouped convolution at the end.
 """
 
 import chex
