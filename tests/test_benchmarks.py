@@ -57,6 +57,41 @@ def test_groups_that_do_not_divide_the_channels_are_refused():
         compare_pytorch.main(["--groups", "0", "--host_memory", "system"])
 
 
+def test_each_comparison_runs_in_a_process_of_its_own(monkeypatch, capsys):
+    """Several variants or precisions: one child process each, with the same settings; the
+    summary gathers their results and takes the best peak any of them measured."""
+    commands = []
+
+    def child(command):
+        commands.append(command)
+        variant = command[command.index("--variant") + 1]
+        precision = command[command.index("--precision") + 1]
+        n = len(commands)
+        result = {"variant": variant, "precision": precision, "ratio": 1.0 - 0.1 * n}
+        return {"device": "cpu", "peak_gflops": {"fp32": 100.0 * n, "bf16": 900.0 / n},
+                "results": [result], "ratio": result["ratio"]}  # fmt: skip
+
+    monkeypatch.setattr(compare_pytorch, "run_child", child)
+    summary = compare_pytorch.main(
+        ["--variant", "paper,torchvision", "--precision", "fp32,bf16", "--batch", "4",
+         "--torch_modes", "eager,compile", "--groups", "2", "--json"]
+    )  # fmt: skip
+    assert [(c[c.index("--variant") + 1], c[c.index("--precision") + 1]) for c in commands] == [
+        ("paper", "fp32"), ("paper", "bf16"), ("torchvision", "fp32"), ("torchvision", "bf16")
+    ]  # fmt: skip
+    for command in commands:
+        assert command[0] == sys.executable and command[-1] == "--json"
+        for flag, value in (("--batch", "4"), ("--torch_modes", "eager,compile"),
+                            ("--groups", "2"), ("--host_memory", "auto")):  # fmt: skip
+            assert command[command.index(flag) + 1] == value
+    assert summary["processes"] == "one per comparison"
+    assert [r["ratio"] for r in summary["results"]] == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    assert summary["ratio"] == pytest.approx(0.6)
+    assert summary["peak_gflops"] == {"fp32": 400.0, "bf16": 900.0}
+    assert summary["results"][1]["peak_gflops"] == {"fp32": 200.0, "bf16": 450.0}
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
+
+
 def test_the_benchmark_does_not_import_tensorflow():
     """The GPU machines have no TensorFlow: the benchmark and the train step must not need it."""
     code = (
