@@ -1,7 +1,7 @@
 """Our steps against PyTorch at its best, side by side, in one run on one machine.
 
     python benchmarks/compare_pytorch.py [--device cpu|gpu] [--variant paper,torchvision]
-        [--precision fp32,bf16] [--groups 1|2] [--batch 32] [--steps 5] [--repeats 5]
+        [--precision auto|fp32,bf16] [--groups 1|2] [--batch 32] [--steps 5] [--repeats 5]
         [--host_memory auto|reuse|system] [--json] [--same_process]
 
 JAX: the real pmap-ed steps of ``alexnet_jax.steps`` (what ``main.py`` runs), on one device
@@ -30,9 +30,17 @@ forward FLOPs for a train step, counted from the layer shapes) is given as a sha
 of the process's C library, so PyTorch, in the same process, runs with it too.
 Each variant and precision is compared in a process of its own (a fresh heap and fresh
 threads for both frameworks; ``--same_process`` runs them all in this one): in one process, a
-comparison that came after others measured our bf16 train steps with 12,288 page faults per
-step and 14 % slower than the same comparison alone. ``--json`` ends with one JSON line
-holding, per variant and precision, every figure and ``ratio`` (ours / PyTorch's best).
+comparison that came after others measured our bf16 train steps with page faults at every
+step and slower than the same comparison alone (``benchmarks/README.md``).
+
+``--precision auto`` (the default) is fp32, and bf16 where the device computes it natively:
+a GPU, or a CPU with AVX-512 BW, VL and DQ (oneDNN's bf16 path) or AArch64's BF16, as
+PyTorch itself checks. Elsewhere PyTorch's bf16 falls back to reference kernels, two orders
+of magnitude slower than its fp32, so a comparison there takes hours and compares with
+nothing a PyTorch user would run; ``--precision fp32,bf16`` asks for it anyway.
+
+``--json`` ends with one JSON line holding, per variant and precision, every figure and
+``ratio`` (ours / PyTorch's best).
 """
 
 from __future__ import annotations
@@ -105,8 +113,38 @@ def time_repeats(run: Callable[[int], None], steps_: int) -> float:
 # --- the machine's ceiling -------------------------------------------------------------------
 
 
-def matmul_peak(platform_name: str, size: int, repeats: int = 5) -> dict[str, float]:
-    """GFLOP/s of a size^3 matmul, float32 and bfloat16, in JAX (with XLA's defaults, and
+def best_seconds(run: Callable[[int], None], repeats: int, budget_s: float = 10.0) -> float:
+    """The fastest of up to ``repeats`` timed calls of ``run``, fewer once they have taken
+    ``budget_s`` (a matmul on a reference kernel can take a minute)."""
+    times: list[float] = []
+    while len(times) < repeats and sum(times) < budget_s:
+        times.append(time_repeats(run, 1))
+    return min(times)
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bfloat16 natively, by PyTorch's own test (oneDNN's bf16 path
+    needs AVX-512 BW, VL and DQ on x86; AArch64 needs its BF16 extension); True where
+    ``/proc/cpuinfo`` cannot tell. Read from the flags, so that nothing starts threads before
+    ``host_memory.configure``."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return True
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "bf16" in flags
+    return True
+
+
+def matmul_peak(
+    platform_name: str, size: int, precisions=("fp32", "bf16"), repeats: int = 5
+) -> dict[str, float]:
+    """GFLOP/s of a size^3 matmul in each of ``precisions``, in JAX (with XLA's defaults, and
     with the options the steps compile with) and in PyTorch; "fp32" and "bf16" the best."""
     import torch
 
@@ -116,14 +154,13 @@ def matmul_peak(platform_name: str, size: int, repeats: int = 5) -> dict[str, fl
     variants = {"jax": {}}
     if platform_name == "cpu":
         variants["jax_steps_options"] = dict(steps.CPU_COMPILER_OPTIONS)
-    for name in ("fp32", "bf16"):
+    for name in precisions:
         x = jax.device_put(jnp.ones((size, size), jnp.float32 if name == "fp32" else jnp.bfloat16),
                            device)  # fmt: skip
         for label, options in variants.items():
             f = jax.jit(jnp.dot, compiler_options=options or None)
             jax.block_until_ready(f(x, x))
-            seconds = min(time_repeats(lambda n, f=f, x=x: jax.block_until_ready(f(x, x)), 1)
-                          for _ in range(repeats))  # fmt: skip
+            seconds = best_seconds(lambda n, f=f, x=x: jax.block_until_ready(f(x, x)), repeats)
             peaks[f"{label}_{name}"] = flops / seconds / 1e9
         torch_device = "cuda" if platform_name == "gpu" else "cpu"
         t = torch.ones((size, size), device=torch_device,
@@ -133,10 +170,8 @@ def matmul_peak(platform_name: str, size: int, repeats: int = 5) -> dict[str, fl
             (t @ t).sum().item()
 
         torch_matmul(1)
-        seconds = min(time_repeats(torch_matmul, 1) for _ in range(repeats))
-        peaks[f"torch_{name}"] = flops / seconds / 1e9
-    peaks["fp32"] = max(v for k, v in peaks.items() if k.endswith("fp32"))
-    peaks["bf16"] = max(v for k, v in peaks.items() if k.endswith("bf16"))
+        peaks[f"torch_{name}"] = flops / best_seconds(torch_matmul, repeats) / 1e9
+        peaks[name] = max(v for k, v in peaks.items() if k.endswith(f"_{name}"))
     return peaks
 
 
@@ -371,7 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument("--variant", default="paper,torchvision", help="comma-separated")
-    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated")
+    parser.add_argument("--precision", default="auto",
+                        help="comma-separated; auto: fp32, and bf16 where native")  # fmt: skip
     parser.add_argument("--groups", type=int, default=1,
                         help="towers of conv2, conv4, conv5 (2: the paper's)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=32)
@@ -388,7 +424,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="every comparison in this process, not one process each")  # fmt: skip
     args = parser.parse_args(argv)
     variants = args.variant.split(",")
-    precisions = args.precision.split(",")
+    if args.precision == "auto":
+        native = args.device == "gpu" or cpu_has_native_bf16()
+        precisions = ["fp32", "bf16"] if native else ["fp32"]
+        if not native:
+            print("--precision auto: fp32 only; this CPU has no native bf16 (no AVX-512 BW/VL/DQ "
+                  "or BF16 flag), where PyTorch's bf16 runs on reference kernels; "
+                  "--precision fp32,bf16 compares it anyway", flush=True)  # fmt: skip
+    else:
+        precisions = args.precision.split(",")
     args.torch_modes = [m for m in args.torch_modes.split(",") if m]
     for value, allowed, flag in ((variants, IMAGE_SIZE, "--variant"),
                                  (precisions, ("fp32", "bf16"), "--precision"),
@@ -425,8 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"JAX {jax.__version__} on {jax_device.device_kind}; PyTorch {torch.__version__} on "
           f"{torch_device}; batch {args.batch}; host memory {memory} (--host_memory "
           f"{args.host_memory})")  # fmt: skip
-    peak = matmul_peak(platform_name, args.peak_size or (8192 if gpu else 2048))
-    print("matmul peak, GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peak.items()))
+    peak = matmul_peak(platform_name, args.peak_size or (8192 if gpu else 2048), precisions)
+    print("matmul peak, GFLOP/s: " + ", ".join(f"{k} {v:.3g}" for k, v in peak.items()))
     results = []
     for variant in variants:
         for precision in precisions:
@@ -481,7 +525,8 @@ def run_child(command: list[str]) -> dict:
 def compare_in_own_processes(args, variants, precisions) -> dict:
     """Each variant and precision compared by a process of its own (``child_command``); the
     summary gathers their results, the matmul peak as the best any of them measured (each
-    result's shares are of its own process's peak, ``peak_gflops`` in the result)."""
+    measures its own precision's; each result's shares are of its own process's peak,
+    ``peak_gflops`` in the result)."""
     children = []
     for variant in variants:
         for precision in precisions:
@@ -492,9 +537,10 @@ def compare_in_own_processes(args, variants, precisions) -> dict:
     for child in children:
         for result in child["results"]:
             summary["results"].append({**result, "peak_gflops": child["peak_gflops"]})
+    keys = dict.fromkeys(key for child in children for key in child["peak_gflops"])
     summary["peak_gflops"] = {
-        key: max(child["peak_gflops"][key] for child in children)
-        for key in children[0]["peak_gflops"]
+        key: max(child["peak_gflops"][key] for child in children if key in child["peak_gflops"])
+        for key in keys
     }
     summary["ratio"] = min(r["ratio"] for r in summary["results"])
     if args.json:

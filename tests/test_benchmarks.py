@@ -68,8 +68,9 @@ def test_each_comparison_runs_in_a_process_of_its_own(monkeypatch, capsys):
         precision = command[command.index("--precision") + 1]
         n = len(commands)
         result = {"variant": variant, "precision": precision, "ratio": 1.0 - 0.1 * n}
-        return {"device": "cpu", "peak_gflops": {"fp32": 100.0 * n, "bf16": 900.0 / n},
-                "results": [result], "ratio": result["ratio"]}  # fmt: skip
+        peak = {precision: 100.0 * n if precision == "fp32" else 900.0 / n, "torch_fp32": 1.0}
+        return {"device": "cpu", "peak_gflops": peak, "results": [result],
+                "ratio": result["ratio"]}  # fmt: skip
 
     monkeypatch.setattr(compare_pytorch, "run_child", child)
     summary = compare_pytorch.main(
@@ -87,9 +88,48 @@ def test_each_comparison_runs_in_a_process_of_its_own(monkeypatch, capsys):
     assert summary["processes"] == "one per comparison"
     assert [r["ratio"] for r in summary["results"]] == pytest.approx([0.9, 0.8, 0.7, 0.6])
     assert summary["ratio"] == pytest.approx(0.6)
-    assert summary["peak_gflops"] == {"fp32": 400.0, "bf16": 900.0}
-    assert summary["results"][1]["peak_gflops"] == {"fp32": 200.0, "bf16": 450.0}
+    assert summary["peak_gflops"] == {"fp32": 300.0, "torch_fp32": 1.0, "bf16": 450.0}
+    assert summary["results"][1]["peak_gflops"] == {"bf16": 450.0, "torch_fp32": 1.0}
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("{")
+
+
+CPUINFO = "processor\t: {n}\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx avx2 fma {extra}\n\n"
+
+
+@pytest.mark.parametrize(
+    "extra, native",
+    [("", False), ("avx512f avx512bw", False), ("avx512f avx512dq avx512bw avx512vl", True),
+     ("avx512f avx512dq avx512bw avx512vl avx512_bf16 amx_bf16", True)],
+)  # fmt: skip
+def test_native_bf16_is_read_from_the_cpu_flags(extra, native):
+    cpuinfo = "".join(CPUINFO.format(n=n, extra=extra) for n in range(2))
+    assert compare_pytorch.cpu_has_native_bf16(cpuinfo) is native
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve {}\n"
+    assert compare_pytorch.cpu_has_native_bf16(arm.format("bf16 i8mm")) is True
+    assert compare_pytorch.cpu_has_native_bf16(arm.format("")) is False
+    assert compare_pytorch.cpu_has_native_bf16("nothing that names flags") is True
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_leaves_bf16_out_where_the_cpu_lacks_it(monkeypatch, capsys, native):
+    """``--precision auto``: fp32 alone, said so, on a CPU without native bf16 (where PyTorch's
+    bf16 runs on reference kernels); both elsewhere; a named precision is always run."""
+    precisions = []
+
+    def child(command):
+        precision = command[command.index("--precision") + 1]
+        precisions.append(precision)
+        result = {"variant": "paper", "precision": precision, "ratio": 1.0}
+        return {"peak_gflops": {precision: 1.0}, "results": [result], "ratio": 1.0}
+
+    monkeypatch.setattr(compare_pytorch, "run_child", child)
+    monkeypatch.setattr(compare_pytorch, "cpu_has_native_bf16", lambda: native)
+    compare_pytorch.main(["--variant", "paper,torchvision"])
+    assert precisions == (["fp32", "bf16"] * 2 if native else ["fp32"] * 2)
+    assert ("no native bf16" in capsys.readouterr().out) is not native
+    precisions.clear()
+    compare_pytorch.main(["--variant", "paper", "--precision", "fp32,bf16"])
+    assert precisions == ["fp32", "bf16"]
 
 
 def test_the_benchmark_does_not_import_tensorflow():
