@@ -54,21 +54,24 @@ def test_vgg_shapes_and_errors():
 @pytest.mark.slow
 def test_vgg11_trains_from_main_py(tmp_path):
     """configs/vgg11.py, on the embedded digits at VGG's smallest input, learns: well above
-    the 0.1 of chance after two epochs."""
+    the 0.1 of chance after four epochs, its eval loss falling. At batch 32 the learning
+    rate is 0.02 (the recipe's 0.05 is for batch 128): with 0.05 two epochs ended at 0.30
+    or 0.26 top-1 depending on the CPU, and eval loss rose between epochs."""
     command = [sys.executable, os.path.join(ROOT, "main.py"), "--config", "configs/vgg11.py",
                f"--workdir={tmp_path}", "--config.dataset=digits", "--config.image_size=32",
                "--config.input.normalization=none", "--config.batch_size=32",
-               "--config.eval_batch_size=120", "--config.num_epochs=2",
-               "--config.progress_bar=False"]  # fmt: skip
+               "--config.eval_batch_size=120", "--config.num_epochs=4",
+               "--config.learning_rate=0.02", "--config.progress_bar=False"]  # fmt: skip
     # One device: with 4 forced CPU devices on 2 cores, XLA:CPU (jax 0.10) can deadlock in the
     # gradient all-reduce of VGG's dense layers (its Eigen workers wait in the rendezvous).
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, error_text(result.stderr)
     evals = [r for r in read_metrics(str(tmp_path)) if r["split"] == "eval"]
-    assert [r["step"] for r in evals] == [44, 88]  # 1,438 training digits, batch 32
-    assert evals[-1]["top1"] > 0.3, evals
+    assert [r["step"] for r in evals] == [44, 88, 132, 176]  # 1,438 training digits, batch 32
+    assert evals[-1]["top1"] > 0.35, evals
+    assert evals[-1]["loss"] < evals[0]["loss"] - 0.5, evals
     config = run_files.load_run_config(str(tmp_path))
     assert config.model.name == "vgg11" and config.model.width_divisor == 4
     state, step = run_files.restore_state(config, str(tmp_path), "latest")
-    assert step == 88 and "block5_conv2" in state.params and "fc3" in state.params
+    assert step == 176 and "block5_conv2" in state.params and "fc3" in state.params
