@@ -1,7 +1,7 @@
 """Times each AlexNet convolution alone, forward and forward+backward, three ways.
 
     python benchmarks/conv_layers.py [--variant paper|torchvision] [--batch 32]
-        [--precision bf16|fp32] [--repeats 5] [--layers conv1,...,conv5]
+        [--precision auto|bf16|fp32] [--repeats 5] [--layers conv1,...,conv5]
         [--host_memory auto|reuse|system] [--json]
 
 - ``ours``: ``alexnet_jax.shifted_conv.conv2d``, what ``layers.Conv`` runs (on the CPU in
@@ -11,6 +11,10 @@
 - ``torch``: ``torch.nn.functional.conv2d`` on ``channels_last`` tensors (with bf16 under
   ``torch.autocast``), PyTorch's fastest eager convolution on the CPU (oneDNN); skipped when
   PyTorch is not installed.
+
+``--precision auto`` (the default) is bf16 where the device computes it natively (a GPU; a
+CPU by ``compare_pytorch.cpu_has_native_bf16``) and fp32 elsewhere, where PyTorch's bf16 runs
+on reference kernels and XLA:CPU's bf16 products on emulated arithmetic.
 
 Each layer at its place in the network (the input shape the previous layers give a 227² or
 224² image), the compile options of the train step. conv1's backward is its kernel gradient
@@ -47,6 +51,13 @@ def layer_shapes(variant: str):
         )  # fmt: skip
         height, channels = sizes[name], conv.features
     return layers
+
+
+def resolve_precision(precision: str, native_bf16: bool) -> str:
+    """``--precision``: ``auto`` is bf16 where bf16 is native, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16 else "fp32"
 
 
 def timed(fns, repeats):
@@ -138,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", choices=["paper", "torchvision"], default="paper")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layers", default="conv1,conv2,conv3,conv4,conv5",
                         help="comma-separated conv layers to time")  # fmt: skip
@@ -154,7 +165,14 @@ def main() -> None:
         parser.error(f"--layers {args.layers!r}: choose from {','.join(known)}")
 
     import jax
+    from compare_pytorch import cpu_has_native_bf16
 
+    native = jax.default_backend() != "cpu" or cpu_has_native_bf16()
+    asked = args.precision
+    args.precision = resolve_precision(asked, native)
+    if asked == "auto" and not native:
+        print("--precision auto: fp32; this CPU has no native bf16 (--precision bf16 times it "
+              "anyway)")  # fmt: skip
     try:
         import torch
 

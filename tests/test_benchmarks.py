@@ -208,6 +208,16 @@ def test_the_conv_layer_benchmark_times_the_networks_own_layers():
             previous = outputs[f"{name}_out"]
 
 
+def test_the_conv_layer_benchmark_times_bf16_only_where_it_is_native():
+    import conv_layers
+
+    assert conv_layers.resolve_precision("auto", native_bf16=True) == "bf16"
+    assert conv_layers.resolve_precision("auto", native_bf16=False) == "fp32"
+    for asked in ("bf16", "fp32"):  # an explicit precision is kept either way
+        for native in (True, False):
+            assert conv_layers.resolve_precision(asked, native_bf16=native) == asked
+
+
 @pytest.mark.slow
 def test_the_conv_layer_benchmark_runs_and_ends_with_json():
     import json
@@ -219,6 +229,8 @@ def test_the_conv_layer_benchmark_runs_and_ends_with_json():
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     table = json.loads(result.stdout.strip().splitlines()[-1])
+    native = jax.default_backend() != "cpu" or compare_pytorch.cpu_has_native_bf16()
+    assert table["precision"] == ("bf16" if native else "fp32")  # --precision auto
     assert [row["layer"] for row in table["layers"]] == ["conv1", "conv3"]
     for row in table["layers"]:
         for runner in ("ours", "xla", "torch"):
@@ -228,3 +240,23 @@ def test_the_conv_layer_benchmark_runs_and_ends_with_json():
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert bad.returncode == 2 and "--layers 'fc6': choose from conv1" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_lrn_benchmark_runs_as_the_train_step_compiles():
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "lrn.py"), "--batch", "2",
+         "--repeats", "1"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert "the train step's compile options" in lines[0]
+    times = {line[:15].strip(): float(line[15:].split()[0]) for line in lines[1:5]}
+    assert list(times) == ["conv1 forward", "LRN forward", "conv1 fwd+bwd", "LRN fwd+bwd"]
+    assert all(ms > 0 for ms in times.values())
+    assert float(lines[-1].split(":")[1]) == pytest.approx(
+        times["LRN fwd+bwd"] / times["conv1 fwd+bwd"],
+        rel=0.1,
+        abs=1e-3,  # ms to 2 decimals
+    )
