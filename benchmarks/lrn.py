@@ -5,7 +5,7 @@
 
 Both as the train step runs them: conv1 through ``shifted_conv.conv2d`` (what
 ``layers.Conv`` runs), everything compiled with the train step's XLA options
-(``steps.compiler_options``; on the CPU, YNNPACK for dots only) in a process whose host
+(``steps.CPU_COMPILER_OPTIONS`` on the CPU: YNNPACK for dots only) in a process whose host
 memory is set up as ``main.py`` sets it up (``config.host_memory``). Prints the median of
 several timed runs of each (after compiling and warming up).
 """
@@ -31,18 +31,6 @@ def median_seconds(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def compiled(fn, *args):
-    """``fn`` compiled for ``args`` with the train step's XLA options on this platform."""
-    import jax
-    import ml_collections
-
-    from alexnet_jax import steps
-
-    options = steps.compiler_options(ml_collections.ConfigDict({"half_precision": False}))
-    lowered = jax.jit(fn).lower(*args)
-    return lowered.compile(compiler_options=options) if options else lowered.compile()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--batch", type=int, default=32)
@@ -55,8 +43,15 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
+    from alexnet_jax import steps
     from alexnet_jax.lrn import local_response_norm
     from alexnet_jax.shifted_conv import conv2d
+
+    # The train step's XLA options on this platform, as benchmarks/conv_layers.py takes them.
+    options = dict(steps.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+    def compiled(fn, *args):
+        return jax.jit(fn).lower(*args).compile(options)
 
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.key(0), 4)
