@@ -14,9 +14,13 @@ PyTorch: the same network (LRN as ``nn.LocalResponseNorm(5, alpha=5e-4, beta=0.7
 the paper's alpha x size), SGD with momentum 0.9 and weight decay 5e-4, cross-entropy, in
 every mode a PyTorch user would turn on: ``eager``, ``channels_last``, ``compile``
 (``torch.compile`` of the network, inductor, on the CPU too) and ``compile+cl`` (both);
-bf16 is ``torch.autocast`` (bfloat16 compute, float32 parameters) in each of them. The
-ratio is ours against the fastest PyTorch mode, for training and for evaluation (forward
-only, center crop).
+for evaluation also ``compile+freeze`` and ``compile+cl+freeze``: inductor's freezing
+(``options={"freezing": True}``), which PyTorch recommends for inference on a CPU, inlines
+the weights as constants (oneDNN's convolutions with prepacked weights, constants folded).
+Frozen weights can no longer be trained, so those two modes are timed for evaluation only,
+as a trained network is served. bf16 is ``torch.autocast`` (bfloat16 compute, float32
+parameters) in each of them. The ratio is ours against the fastest PyTorch mode, for
+training and for evaluation (forward only, center crop).
 
 All runners are warmed up in ``--warmup`` untimed rounds that alternate them as the timed
 repeats do (the first compiles), then each repeat times ``--steps`` steps of each in turn,
@@ -65,7 +69,9 @@ from alexnet_jax import model as model_lib
 from alexnet_jax.defaults import default_config
 
 IMAGE_SIZE = {"paper": 227, "torchvision": 224}
-TORCH_MODES = ("eager", "channels_last", "compile", "compile+cl")
+TORCH_MODES = ("eager", "channels_last", "compile", "compile+cl", "compile+freeze",
+               "compile+cl+freeze")  # fmt: skip
+EVAL_ONLY_MODES = ("compile+freeze", "compile+cl+freeze")  # frozen weights: inference only
 PAUSE_S = 0.5  # before each timed repeat
 
 
@@ -252,14 +258,15 @@ def torch_alexnet(variant: str, num_classes: int = 1000, groups: int = 1):
 
 
 def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool, groups: int = 1):
-    """PyTorch's train and eval steps in ``mode`` (see ``TORCH_MODES``)."""
+    """PyTorch's train and eval steps in ``mode`` (see ``TORCH_MODES``); the train steps are
+    None in a mode of ``EVAL_ONLY_MODES``."""
     import torch
 
     torch.manual_seed(0)
     device = torch.device("cuda" if gpu else "cpu")
     size = IMAGE_SIZE[variant]
     net = torch_alexnet(variant, groups=groups).to(device)
-    channels_last = mode in ("channels_last", "compile+cl")
+    channels_last = mode == "channels_last" or "+cl" in mode
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -271,7 +278,10 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool,
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
     autocast = precision == "bf16"
-    compiled = torch.compile(net) if mode.startswith("compile") else net
+    if mode in EVAL_ONLY_MODES:
+        compiled = torch.compile(net, options={"freezing": True})
+    else:
+        compiled = torch.compile(net) if mode.startswith("compile") else net
 
     def normalize(x):
         return ((x.float() - mean) / std).contiguous(memory_format=memory_format)
@@ -306,7 +316,7 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool,
         out.sum().item()
         sync()
 
-    return train_steps, eval_steps
+    return (None if mode in EVAL_ONLY_MODES else train_steps), eval_steps
 
 
 # --- the comparison --------------------------------------------------------------------------
@@ -324,7 +334,8 @@ def measure(runners: dict, steps_: int, repeats: int, warmup: int, batch: int, w
     Warm-up alternates the runners as the timed repeats do (the first round compiles): the
     runners share one process and its heap, and until the heap has grown to hold every
     runner's buffers side by side, a step maps fresh pages in (tens of thousands of page
-    faults a step) that no later step pays."""
+    faults a step) that no later step pays. Runners without that phase (None) are left out."""
+    runners = {name: runner for name, runner in runners.items() if runner[which] is not None}
     for _ in range(warmup):
         for runner in runners.values():
             runner[which](steps_)
@@ -361,9 +372,8 @@ def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
         )
     train, train_faults = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 0)
     evaluation, eval_faults = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 1)
-    torch_names = [n for n in runners if n != "jax"]
-    best_train = max(torch_names, key=train.get)
-    best_eval = max(torch_names, key=evaluation.get)
+    best_train = max((n for n in train if n != "jax"), key=train.get)
+    best_eval = max((n for n in evaluation if n != "jax"), key=evaluation.get)
     fwd = forward_flops(variant, IMAGE_SIZE[variant], groups=args.groups)
     result = {
         "variant": variant,
@@ -390,13 +400,17 @@ def print_result(result: dict) -> None:
     towers = f", groups {result['groups']}" if result["groups"] > 1 else ""
     print(f"\n{result['variant']}{towers}, {result['precision']}: images/s (GFLOP/s, share of "
           f"the {result['precision']} peak)")  # fmt: skip
-    print(f"  {'':18}{'train':>24}{'eval':>10}{'page faults/step':>20}")
-    for name, rate in result["train_img_s"].items():
-        share = result["train_peak_share"][name]
-        evaluation = result["eval_img_s"][name]
-        faults = f"{result['train_faults_per_step'][name]}, {result['eval_faults_per_step'][name]}"
-        print(f"  {name:18}{rate:7.1f} ({result['train_gflops'][name]:6.1f}, {share:5.1%})"
-              f"{evaluation:10.1f}{faults:>20}")  # fmt: skip
+    width = max(map(len, result["eval_img_s"])) + 2
+    print(f"  {'':{width}}{'train':>24}{'eval':>10}{'page faults/step':>20}")
+    for name, evaluation in result["eval_img_s"].items():
+        if name in result["train_img_s"]:
+            rate, share = result["train_img_s"][name], result["train_peak_share"][name]
+            train = f"{rate:7.1f} ({result['train_gflops'][name]:6.1f}, {share:5.1%})"
+            faults = f"{result['train_faults_per_step'][name]}, "
+        else:  # an evaluation-only mode
+            train, faults = f"{'-':>7}{'':17}", "-, "
+        faults += str(result["eval_faults_per_step"][name])
+        print(f"  {name:{width}}{train}{evaluation:10.1f}{faults:>20}")
     print(f"  ours / PyTorch's best: train {result['ratio']:.3f} (against "
           f"{result['best_torch_train']}), eval {result['eval_ratio']:.3f} (against "
           f"{result['best_torch_eval']})")  # fmt: skip

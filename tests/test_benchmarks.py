@@ -1,5 +1,6 @@
 """The side-by-side benchmark compares like with like: the same network in both frameworks."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -153,6 +154,50 @@ def test_the_gpu_path_parses_and_stops_cleanly_without_a_gpu():
         )
     with pytest.raises(SystemExit):
         compare_pytorch.main(["--torch_modes", "eager,jit"])  # not a PyTorch mode here
+
+
+def test_frozen_modes_are_timed_for_evaluation_only(monkeypatch, capsys):
+    """Inductor's freezing inlines the weights as constants, so its modes have no train step;
+    the train ratio is against the trainable modes, the eval ratio against all of them."""
+    assert set(compare_pytorch.EVAL_ONLY_MODES) < set(compare_pytorch.TORCH_MODES)
+    for mode in compare_pytorch.TORCH_MODES:  # torch.compile compiles at the first call only
+        train, evaluation = compare_pytorch.torch_runner("torchvision", "fp32", 2, mode, False)
+        assert callable(evaluation)
+        assert (train is None) == (mode in compare_pytorch.EVAL_ONLY_MODES)
+
+    seconds = {  # (train, eval) seconds a step, per runner
+        "jax": (1.0, 0.5), "torch_eager": (2.0, 0.8), "torch_compile": (1.25, 0.6),
+        "torch_compile+cl+freeze": (None, 0.4),
+    }  # fmt: skip
+
+    def runner(name):
+        def phase(which):
+            if seconds[name][which] is None:
+                return None
+            step = lambda n: None  # noqa: E731
+            step.seconds = seconds[name][which]
+            return step
+
+        return phase(0), phase(1)
+
+    monkeypatch.setattr(compare_pytorch, "jax_runner", lambda *a: runner("jax"))
+    monkeypatch.setattr(compare_pytorch, "torch_runner",
+                        lambda v, p, b, mode, *a: runner(f"torch_{mode}"))  # fmt: skip
+    monkeypatch.setattr(compare_pytorch, "time_repeats", lambda run, n: run.seconds * n)
+    monkeypatch.setattr(compare_pytorch, "PAUSE_S", 0.0)
+    args = argparse.Namespace(groups=1, batch=4, steps=2, repeats=3, warmup=1,
+                              torch_modes=["eager", "compile", "compile+cl+freeze"])  # fmt: skip
+    result = compare_pytorch.compare("torchvision", "fp32", args, "cpu", False, {"fp32": 100.0})
+    assert set(result["train_img_s"]) == {"jax", "torch_eager", "torch_compile"}
+    assert set(result["eval_img_s"]) == set(seconds) == set(result["eval_faults_per_step"])
+    assert result["train_img_s"]["torch_compile"] == pytest.approx(4 / 1.25)
+    assert result["best_torch_train"] == "torch_compile" and result["ratio"] == 1.25
+    assert result["best_torch_eval"] == "torch_compile+cl+freeze"
+    assert result["eval_ratio"] == 0.8
+    compare_pytorch.print_result(result)
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["torch_compile+cl+freeze"][1:3] == ["-", "10.0"]  # no train figure, eval 4/0.4
+    assert rows["torch_compile"][1] == "3.2"
 
 
 @pytest.mark.slow
