@@ -156,6 +156,25 @@ def test_the_gpu_path_parses_and_stops_cleanly_without_a_gpu():
         compare_pytorch.main(["--torch_modes", "eager,jit"])  # not a PyTorch mode here
 
 
+def test_pytorch_on_a_gpu_autotunes_and_takes_tensorfloat32_as_jax_does():
+    """cuDNN's autotuner and TF32 products, set before any PyTorch runner (on a CPU-only
+    build the flags are settable and read back)."""
+    flags = (torch.backends.cudnn, "benchmark"), (torch.backends.cuda.matmul, "allow_tf32"), (
+        torch.backends.cudnn, "allow_tf32")  # fmt: skip
+    before = [getattr(module, name) for module, name in flags]
+    try:
+        for module, name in flags:
+            setattr(module, name, False)
+        settings = compare_pytorch.torch_gpu_settings()
+        assert all(getattr(module, name) is True for module, name in flags)
+        assert settings == {
+            "cudnn.benchmark": True, "cuda.matmul.allow_tf32": True, "cudnn.allow_tf32": True
+        }  # fmt: skip
+    finally:
+        for (module, name), value in zip(flags, before, strict=True):
+            setattr(module, name, value)
+
+
 def test_frozen_modes_are_timed_for_evaluation_only(monkeypatch, capsys):
     """Inductor's freezing inlines the weights as constants, so its modes have no train step;
     the train ratio is against the trainable modes, the eval ratio against all of them."""
