@@ -15,8 +15,9 @@ the paper's alpha x size), SGD with momentum 0.9 and weight decay 5e-4, cross-en
 every mode a PyTorch user would turn on: ``eager``, ``channels_last``, ``compile``
 (``torch.compile`` of the network, inductor, on the CPU too) and ``compile+cl`` (both);
 for evaluation also ``compile+freeze`` and ``compile+cl+freeze``: inductor's freezing
-(``options={"freezing": True}``), which PyTorch recommends for inference on a CPU, inlines
-the weights as constants (oneDNN's convolutions with prepacked weights, constants folded).
+(``torch._inductor.config.freezing`` while the graph compiles), which PyTorch recommends
+for inference on a CPU, inlines the weights as constants (oneDNN's convolutions fused with
+their ReLUs on prepacked weights, MKL's packed products, constants folded).
 Frozen weights can no longer be trained, so those two modes are timed for evaluation only,
 as a trained network is served. bf16 is ``torch.autocast`` (bfloat16 compute, float32
 parameters) in each of them. On a GPU every mode runs with cuDNN's autotuner and
@@ -52,6 +53,7 @@ nothing a PyTorch user would run; ``--precision fp32,bf16`` asks for it anyway.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -276,6 +278,24 @@ def torch_gpu_settings() -> dict[str, bool]:
     }
 
 
+@contextlib.contextmanager
+def torch_inference(device_type: str, autocast: bool, frozen: bool):
+    """What PyTorch's evaluation runs under: no autograd, bf16 autocast where asked, and for
+    the frozen modes inductor's freezing. Freezing is read from inductor's global config when
+    a graph compiles, at its first call (``torch.compile``'s ``options={"freezing": True}``
+    leaves the weights unfrozen), so it is set around the call."""
+    import torch
+    from torch._inductor import config
+
+    freezing = config.patch(freezing=True) if frozen else contextlib.nullcontext()
+    with (
+        torch.no_grad(),
+        torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast),
+        freezing,
+    ):
+        yield
+
+
 def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool, groups: int = 1):
     """PyTorch's train and eval steps in ``mode`` (see ``TORCH_MODES``); the train steps are
     None in a mode of ``EVAL_ONLY_MODES``."""
@@ -297,10 +317,8 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool,
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
     autocast = precision == "bf16"
-    if mode in EVAL_ONLY_MODES:
-        compiled = torch.compile(net, options={"freezing": True})
-    else:
-        compiled = torch.compile(net) if mode.startswith("compile") else net
+    compiled = torch.compile(net) if mode.startswith("compile") else net
+    frozen = mode in EVAL_ONLY_MODES
 
     def normalize(x):
         return ((x.float() - mean) / std).contiguous(memory_format=memory_format)
@@ -314,7 +332,7 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool,
         return loss
 
     def forward(x):
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch_inference(device.type, autocast, frozen):
             return compiled(normalize(x)).float().softmax(-1)
 
     def sync():

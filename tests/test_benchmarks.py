@@ -156,6 +156,31 @@ def test_the_gpu_path_parses_and_stops_cleanly_without_a_gpu():
         compare_pytorch.main(["--torch_modes", "eager,jit"])  # not a PyTorch mode here
 
 
+@pytest.mark.slow
+def test_the_frozen_modes_evaluate_with_the_weights_frozen():
+    """Under ``torch_inference(frozen=True)`` the compiled network's weights are constants:
+    changing them after the first call changes nothing. Unfrozen, the change shows."""
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for frozen in (True, False):
+        torch._dynamo.reset()
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                  torch.nn.Linear(8 * 14 * 14, 4)).eval()  # fmt: skip
+        compiled = torch.compile(net)
+        with compare_pytorch.torch_inference("cpu", False, frozen):
+            first = compiled(x)
+            with torch.no_grad():
+                net[0].weight.mul_(2.0)
+                net[3].bias.add_(1.0)
+            second = compiled(x)
+        with torch.no_grad():
+            expected = net(x)
+        if frozen:
+            np.testing.assert_allclose(second.numpy(), first.numpy(), rtol=1e-6, atol=1e-6)
+            assert not torch.allclose(second, expected, atol=1e-3)
+        else:
+            np.testing.assert_allclose(second.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_pytorch_on_a_gpu_autotunes_and_takes_tensorfloat32_as_jax_does():
     """cuDNN's autotuner and TF32 products, set before any PyTorch runner (on a CPU-only
     build the flags are settable and read back)."""
@@ -223,19 +248,24 @@ def test_frozen_modes_are_timed_for_evaluation_only(monkeypatch, capsys):
 def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
     summary = compare_pytorch.main(
         ["--variant", "torchvision", "--precision", "fp32", "--batch", "2", "--steps", "1",
-         "--repeats", "1", "--warmup", "1", "--torch_modes", "eager,channels_last",
-         "--peak_size", "256", "--host_memory", "system", "--json"]
+         "--repeats", "1", "--warmup", "1",
+         "--torch_modes", "eager,channels_last,compile+cl+freeze", "--peak_size", "256",
+         "--host_memory", "system", "--json"]
     )  # fmt: skip
     (result,) = summary["results"]
     assert set(result["train_img_s"]) == {"jax", "torch_eager", "torch_channels_last"}
+    frozen = "torch_compile+cl+freeze"  # inductor's freezing compiles and runs, for eval only
+    assert set(result["eval_img_s"]) == set(result["train_img_s"]) | {frozen}
+    assert result["eval_img_s"][frozen] > 0 and summary["torch_settings"] == {}
     best = max(("torch_eager", "torch_channels_last"), key=result["train_img_s"].get)
     assert result["best_torch_train"] == best
     assert result["ratio"] == pytest.approx(
         result["train_img_s"]["jax"] / result["train_img_s"][best], rel=1e-2
     )
     assert summary["peak_gflops"]["fp32"] >= summary["peak_gflops"]["torch_fp32"] > 0
-    for faults in (result["train_faults_per_step"], result["eval_faults_per_step"]):
-        assert set(faults) == set(result["train_img_s"]) and min(faults.values()) >= 0
+    for faults, rates in ((result["train_faults_per_step"], result["train_img_s"]),
+                          (result["eval_faults_per_step"], result["eval_img_s"])):  # fmt: skip
+        assert set(faults) == set(rates) and min(faults.values()) >= 0
     assert summary["host_memory"] == {"mode": "system", "reused": False}
     flops = 3 * compare_pytorch.forward_flops("torchvision", 224)
     assert result["train_gflops"]["jax"] == pytest.approx(
