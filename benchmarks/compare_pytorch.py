@@ -491,6 +491,10 @@ def main(argv: list[str] | None = None) -> dict:
         bad = [v for v in value if v not in allowed]
         if bad:
             parser.error(f"{flag}: {bad} not among {list(allowed)}")
+    if not set(args.torch_modes) - set(EVAL_ONLY_MODES):
+        parser.error(f"--torch_modes: {args.torch_modes} has no mode that trains (the frozen "
+                     f"ones, {list(EVAL_ONLY_MODES)}, only evaluate); add one of "
+                     f"{[m for m in TORCH_MODES if m not in EVAL_ONLY_MODES]}")  # fmt: skip
     for variant in variants:
         spec = model_lib.SPECS[variant]
         channels = [3] + [conv.features for conv in spec.convs]

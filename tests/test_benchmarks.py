@@ -156,6 +156,13 @@ def test_the_gpu_path_parses_and_stops_cleanly_without_a_gpu():
         compare_pytorch.main(["--torch_modes", "eager,jit"])  # not a PyTorch mode here
 
 
+@pytest.mark.parametrize("modes", ["compile+freeze,compile+cl+freeze", ""])
+def test_a_comparison_needs_a_pytorch_mode_that_trains(modes, capsys):
+    with pytest.raises(SystemExit):
+        compare_pytorch.main(["--torch_modes", modes, "--host_memory", "system"])
+    assert "has no mode that trains" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_frozen_modes_evaluate_with_the_weights_frozen():
     """Under ``torch_inference(frozen=True)`` the compiled network's weights are constants:
