@@ -353,7 +353,7 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool,
         out.sum().item()
         sync()
 
-    return (None if mode in EVAL_ONLY_MODES else train_steps), eval_steps
+    return (None if frozen else train_steps), eval_steps
 
 
 # --- the comparison --------------------------------------------------------------------------
