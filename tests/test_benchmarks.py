@@ -207,6 +207,47 @@ def test_pytorch_on_a_gpu_autotunes_and_takes_tensorfloat32_as_jax_does():
             setattr(module, name, value)
 
 
+def test_pytorch_updates_with_fused_sgd_as_plain_sgd_would():
+    """The benchmark's PyTorch optimizer is the fused one, a PyTorch user's fastest, and it
+    computes the plain optimizer's update (momentum and weight decay included)."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(64, 32, generator=generator), torch.randn(64, generator=generator)]
+    fused, plain = [[w.clone().requires_grad_() for w in weights] for _ in range(2)]
+    optimizers = compare_pytorch.torch_sgd(fused), torch.optim.SGD(
+        plain, lr=0.01, momentum=0.9, weight_decay=5e-4)  # fmt: skip
+    assert optimizers[0].defaults["fused"] is True
+    for _ in range(3):  # the momentum buffers come into play from the second step on
+        grads = [torch.randn(w.shape, generator=generator) for w in weights]
+        for params, optimizer in zip((fused, plain), optimizers, strict=True):
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad.clone()
+            optimizer.step()
+    for a, b in zip(fused, plain, strict=True):
+        np.testing.assert_allclose(a.detach().numpy(), b.detach().numpy(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(fused[0], weights[0])
+
+
+@pytest.mark.parametrize("memory_format", ["contiguous_format", "channels_last"])
+def test_pytorch_sees_the_images_our_step_sees(memory_format):
+    """PyTorch's network gets uint8 images normalized as our step normalizes them (our own
+    normalizer, NHWC, is the reference), in the mode's memory format."""
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    seen = []
+
+    class Network(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return x.sum()
+
+    fmt = getattr(torch, memory_format)
+    compare_pytorch.normalized(Network(), fmt)(torch.from_numpy(images).permute(0, 3, 1, 2))
+    config = compare_pytorch.jax_config("torchvision", "fp32", 2)
+    ours = compare_pytorch.normalization.make_normalizer(config.input)(images)
+    (x,) = seen
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=fmt)
+    np.testing.assert_allclose(x.permute(0, 2, 3, 1).numpy(), np.asarray(ours), rtol=1e-6)
+
+
 def test_frozen_modes_are_timed_for_evaluation_only(monkeypatch, capsys):
     """Inductor's freezing inlines the weights as constants, so its modes have no train step;
     the train ratio is against the trainable modes, the eval ratio against all of them."""
@@ -256,15 +297,16 @@ def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
     summary = compare_pytorch.main(
         ["--variant", "torchvision", "--precision", "fp32", "--batch", "2", "--steps", "1",
          "--repeats", "1", "--warmup", "1",
-         "--torch_modes", "eager,channels_last,compile+cl+freeze", "--peak_size", "256",
+         "--torch_modes", "eager,compile+autotune,compile+cl+freeze", "--peak_size", "256",
          "--host_memory", "system", "--json"]
     )  # fmt: skip
     (result,) = summary["results"]
-    assert set(result["train_img_s"]) == {"jax", "torch_eager", "torch_channels_last"}
+    assert set(result["train_img_s"]) == {"jax", "torch_eager", "torch_compile+autotune"}
     frozen = "torch_compile+cl+freeze"  # inductor's freezing compiles and runs, for eval only
     assert set(result["eval_img_s"]) == set(result["train_img_s"]) | {frozen}
-    assert result["eval_img_s"][frozen] > 0 and summary["torch_settings"] == {}
-    best = max(("torch_eager", "torch_channels_last"), key=result["train_img_s"].get)
+    assert result["eval_img_s"][frozen] > 0
+    assert summary["torch_settings"] == {"optimizer": "SGD(fused=True)"}  # no GPU flags here
+    best = max(("torch_eager", "torch_compile+autotune"), key=result["train_img_s"].get)
     assert result["best_torch_train"] == best
     assert result["ratio"] == pytest.approx(
         result["train_img_s"]["jax"] / result["train_img_s"][best], rel=1e-2
