@@ -384,6 +384,9 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool,
             loss = step(images, labels)
         loss.item()
         sync()
+        # Free the gradients now, not at the next turn's first step: between turns no runner
+        # holds memory the others' steps would take from the shared heap.
+        optimizer.zero_grad(set_to_none=True)
 
     def eval_steps(n: int) -> None:
         net.eval()
