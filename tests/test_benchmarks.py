@@ -227,6 +227,26 @@ def test_pytorch_updates_with_fused_sgd_as_plain_sgd_would():
     assert not torch.equal(fused[0], weights[0])
 
 
+def test_pytorch_holds_no_gradients_between_its_turns(monkeypatch):
+    """A PyTorch runner frees its gradients when its turn ends, so that between turns it
+    holds none of the shared heap's memory that the next runner's step would reuse (held,
+    they made our steps fault fresh pages in at every step in some runs)."""
+    created = []
+
+    def recording_sgd(params):
+        created.append(torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4))
+        return created[-1]
+
+    monkeypatch.setattr(compare_pytorch, "torch_sgd", recording_sgd)
+    train, _ = compare_pytorch.torch_runner("torchvision", "fp32", 2, "eager", False)
+    (optimizer,) = created
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    before = [p.detach().clone() for p in params]
+    train(1)
+    assert all(p.grad is None for p in params)
+    assert not all(torch.equal(a, b) for a, b in zip(params, before, strict=True))  # trained
+
+
 @pytest.mark.parametrize("memory_format", ["contiguous_format", "channels_last"])
 def test_pytorch_sees_the_images_our_step_sees(memory_format):
     """PyTorch's network gets uint8 images normalized as our step normalizes them (our own
