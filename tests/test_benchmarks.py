@@ -328,18 +328,19 @@ def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
     assert summary["torch_settings"] == {"optimizer": "SGD(fused=True)"}  # no GPU flags here
     best = max(("torch_eager", "torch_compile+autotune"), key=result["train_img_s"].get)
     assert result["best_torch_train"] == best
-    assert result["ratio"] == pytest.approx(
-        result["train_img_s"]["jax"] / result["train_img_s"][best], rel=1e-2
-    )
+    # The figures are rounded to 0.01 images/s (the ratio to 0.001): at this size, under load,
+    # a step can run at 0.2 images/s, so the check allows exactly that rounding.
+    jax_rate, best_rate = (result["train_img_s"][n] for n in ("jax", best))
+    assert (jax_rate - 0.005) / (best_rate + 0.005) - 5e-4 <= result["ratio"]
+    assert result["ratio"] <= (jax_rate + 0.005) / (best_rate - 0.005) + 5e-4
     assert summary["peak_gflops"]["fp32"] >= summary["peak_gflops"]["torch_fp32"] > 0
     for faults, rates in ((result["train_faults_per_step"], result["train_img_s"]),
                           (result["eval_faults_per_step"], result["eval_img_s"])):  # fmt: skip
         assert set(faults) == set(rates) and min(faults.values()) >= 0
     assert summary["host_memory"] == {"mode": "system", "reused": False}
     flops = 3 * compare_pytorch.forward_flops("torchvision", 224)
-    assert result["train_gflops"]["jax"] == pytest.approx(
-        result["train_img_s"]["jax"] * flops / 1e9, rel=1e-2
-    )
+    low, high = ((jax_rate + d) * flops / 1e9 for d in (-0.005, 0.005))
+    assert low - 0.05 <= result["train_gflops"]["jax"] <= high + 0.05  # 0.1 GFLOP/s rounding
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert '"ratio"' in last and last.startswith("{")
 
