@@ -315,16 +315,18 @@ def torch_gpu_settings() -> dict[str, bool]:
 
 @contextlib.contextmanager
 def torch_inference(device_type: str, autocast: bool, frozen: bool):
-    """What PyTorch's evaluation runs under: no autograd, bf16 autocast where asked, and for
-    the frozen modes inductor's freezing. Freezing is read from inductor's global config when
-    a graph compiles, at its first call (``torch.compile``'s ``options={"freezing": True}``
-    leaves the weights unfrozen), so it is set around the call."""
+    """What PyTorch's evaluation runs under: inference mode (``torch.inference_mode``: no
+    autograd and, unlike ``torch.no_grad``, no view or version-counter tracking either, as
+    PyTorch recommends for inference), bf16 autocast where asked, and for the frozen modes
+    inductor's freezing. Freezing is read from inductor's global config when a graph
+    compiles, at its first call (``torch.compile``'s ``options={"freezing": True}`` leaves
+    the weights unfrozen), so it is set around the call."""
     import torch
     from torch._inductor import config
 
     freezing = config.patch(freezing=True) if frozen else contextlib.nullcontext()
     with (
-        torch.no_grad(),
+        torch.inference_mode(),
         torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast),
         freezing,
     ):

@@ -166,7 +166,8 @@ def test_a_comparison_needs_a_pytorch_mode_that_trains(modes, capsys):
 @pytest.mark.slow
 def test_the_frozen_modes_evaluate_with_the_weights_frozen():
     """Under ``torch_inference(frozen=True)`` the compiled network's weights are constants:
-    changing them after the first call changes nothing. Unfrozen, the change shows."""
+    changing them after the first call changes nothing. Unfrozen, the change shows. Both run
+    in PyTorch's inference mode."""
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     for frozen in (True, False):
         torch._dynamo.reset()
@@ -175,6 +176,7 @@ def test_the_frozen_modes_evaluate_with_the_weights_frozen():
         compiled = torch.compile(net)
         with compare_pytorch.torch_inference("cpu", False, frozen):
             first = compiled(x)
+            assert first.is_inference()  # made in inference mode: no autograd bookkeeping
             with torch.no_grad():
                 net[0].weight.mul_(2.0)
                 net[3].bias.add_(1.0)
