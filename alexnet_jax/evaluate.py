@@ -239,7 +239,7 @@ def predict_files(
     normalize = normalization.make_normalizer(config.input, mean_image)
     probabilities = jax.jit(
         functools.partial(steps.predict_probabilities, normalize=normalize),
-        compiler_options=steps.compiler_options(config, forward_only=True) or None,
+        compiler_options=steps.compiler_options(config) or None,
     )
     probs = np.asarray(probabilities(state, jnp.asarray(images)))
     k = min(top_k, config.num_classes)

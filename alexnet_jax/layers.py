@@ -257,7 +257,7 @@ def _plain_matmul(x, kernel):
 
 @jax.custom_vjp
 def _few_rows_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """``x @ kernel`` for a float32 batch of at most ``FEW_ROWS`` rows. The train step hands
+    """``x @ kernel`` for a float32 batch of at most ``FEW_ROWS`` rows. The CPU steps hand
     float32 products to YNNPACK, which multiplies 32 rows by fc6's kernel at half Eigen's
     speed (a product bound by reading the kernel). On the CPU the forward product therefore
     takes ``x`` transposed (by a product with the identity, which XLA does not fold away), a

@@ -62,9 +62,7 @@ def nearest_training_images(
     normalize = normalization.make_normalizer(config.input, mean_image)
     model = steps.create_model(config, config.num_classes)
 
-    @functools.partial(
-        jax.jit, compiler_options=steps.compiler_options(config, forward_only=True) or None
-    )
+    @functools.partial(jax.jit, compiler_options=steps.compiler_options(config) or None)
     def fc7(params, images):
         return features(model, {"params": params}, normalize(images), ("fc7",))["fc7"]
 

@@ -35,15 +35,15 @@ AXIS = "batch"
 
 # XLA:CPU (jax 0.10) hands convolutions, dots and elementwise work to YNNPACK fusions by
 # default. Its convolutions are much slower than XLA's own Eigen ones for AlexNet's shapes; its
-# dots are faster in the backward pass of the fully connected layers and for bfloat16 x
-# bfloat16 -> float32 products (the CPU's bfloat16 units), slower for a float32 forward pass at
-# small batches. So on CPU, unless config.xla_cpu_ynn_fusions is True (XLA's defaults), the
-# train step and bfloat16 steps keep YNNPACK for individual dots only, and float32 forward-only
-# steps (evaluation, prediction) use none. Measurements: benchmarks/README.md.
+# dots are faster in the backward pass of the fully connected layers, in their float32 forward
+# pass from about a hundred rows on (evaluation with 10 crops, prediction in large batches)
+# and for bfloat16 x bfloat16 -> float32 products (the CPU's bfloat16 units). For fewer rows
+# `layers.Dense` writes its float32 forward product in a form YNNPACK does not take, so Eigen
+# computes it. So on CPU, unless config.xla_cpu_ynn_fusions is True (XLA's defaults), every
+# step keeps YNNPACK for individual dots only. Measurements: benchmarks/README.md.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 }
-CPU_FORWARD_FP32_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 class TrainState(struct.PyTreeNode):
@@ -254,32 +254,26 @@ def make_eval_step(
         in_axes=(None, 0),
         devices=devices,
     )
-    return with_compiler_options(p_eval_step, config, devices, forward_only=True)
+    return with_compiler_options(p_eval_step, config, devices)
 
 
-def with_compiler_options(
-    pmapped: Callable, config: ml_collections.ConfigDict, devices=None, forward_only=False
-):
+def with_compiler_options(pmapped: Callable, config: ml_collections.ConfigDict, devices=None):
     """``pmapped`` compiled with ``compiler_options`` where there are any; as it is otherwise.
 
     Single-process only, where arguments can be moved to the executable's shardings (several
     processes keep pmap's own placement)."""
     single = jax.process_count() == 1
-    options = compiler_options(config, devices, forward_only) if single else {}
+    options = compiler_options(config, devices) if single else {}
     return CompiledWithOptions(pmapped, options) if options else pmapped
 
 
-def compiler_options(
-    config: ml_collections.ConfigDict, devices: list | None = None, forward_only: bool = False
-) -> dict:
+def compiler_options(config: ml_collections.ConfigDict, devices: list | None = None) -> dict:
     """XLA options for a step on ``devices`` (default: the local ones): on CPU, unless
-    ``config.xla_cpu_ynn_fusions``, YNNPACK for dots only, or for none in a float32 step with
-    no backward pass (``forward_only``); none elsewhere."""
+    ``config.xla_cpu_ynn_fusions``, YNNPACK for dots only (``CPU_COMPILER_OPTIONS``); none
+    elsewhere."""
     platform = (devices or jax.local_devices())[0].platform
     if platform != "cpu" or config.get("xla_cpu_ynn_fusions", False):
         return {}
-    if forward_only and not config.get("half_precision", False):
-        return dict(CPU_FORWARD_FP32_OPTIONS)
     return dict(CPU_COMPILER_OPTIONS)
 
 

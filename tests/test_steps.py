@@ -1,12 +1,16 @@
-"""The pure steps against independent references: top-k counting, 10-crop averaging, and
-the plateau schedule as a real run applies it (and remembers it across a resume)."""
+"""The pure steps against independent references: top-k counting, 10-crop averaging, the
+CPU steps' compile options, and the plateau schedule as a real run applies it (and remembers
+it across a resume)."""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from alexnet_jax import steps, train
+from alexnet_jax import layers, normalization, steps, train
 from alexnet_jax.metrics import read_metrics
 from tests.test_train import small_config
 
@@ -44,6 +48,36 @@ def test_ten_crop_evaluation_averages_the_crops_softmaxes():
     np.testing.assert_allclose(averaged, expected, rtol=1e-5, atol=1e-7)
     single = np.asarray(steps.eval_logits(state, jnp.asarray(images[:, 0])))
     np.testing.assert_allclose(single, crop_logits.reshape(3, 10, 6)[:, 0], rtol=1e-5)
+
+
+def test_cpu_steps_hand_many_rowed_dense_products_to_ynnpack_and_few_rowed_ones_to_eigen():
+    """Every CPU step compiles with YNNPACK for dots only (``steps.CPU_COMPILER_OPTIONS``),
+    forward-only ones too: a forward pass over more than ``layers.FEW_ROWS`` images (10-crop
+    evaluation, large prediction batches) hands its dense products to YNNPACK, faster there;
+    fewer rows take ``layers.Dense``'s few-row form, which YNNPACK does not take. Either way
+    the probabilities equal those compiled without YNNPACK."""
+    config = small_config(**{"model.width_divisor": 4})
+    assert steps.compiler_options(config, jax.devices("cpu")) == steps.CPU_COMPILER_OPTIONS
+    xla_defaults = small_config(xla_cpu_ynn_fusions=True)
+    assert steps.compiler_options(xla_defaults, jax.devices("cpu")) == {}
+
+    model = steps.create_model(config, config.num_classes)
+    state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (67, 67, 1))
+    normalize = normalization.make_normalizer(config.input)
+    p_eval = steps.make_eval_step(config, normalize, devices=jax.devices("cpu")[:1])
+    assert p_eval.compiler_options == steps.CPU_COMPILER_OPTIONS  # as the train step's
+    predict = jax.jit(functools.partial(steps.predict_probabilities, normalize=normalize))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (layers.FEW_ROWS + 4, 67, 67, 1), dtype=np.uint8)
+    for rows, on_ynnpack in ((layers.FEW_ROWS, False), (layers.FEW_ROWS + 4, True)):
+        lowered = predict.lower(state, images[:rows])
+        compiled = lowered.compile(compiler_options=steps.CPU_COMPILER_OPTIONS)
+        assert ('"__ynn_fusion"' in compiled.as_text()) == on_ynnpack, rows
+        without = lowered.compile(compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+        assert '"__ynn_fusion"' not in without.as_text()
+        chex.assert_trees_all_close(
+            compiled(state, images[:rows]), without(state, images[:rows]), rtol=1e-5, atol=1e-7
+        )
 
 
 @pytest.mark.slow
