@@ -1,8 +1,8 @@
 """Our steps against PyTorch at its best, side by side, in one run on one machine.
 
     python benchmarks/compare_pytorch.py [--device cpu|gpu] [--variant paper,torchvision]
-        [--precision auto|fp32,bf16] [--groups 1|2] [--batch 32] [--steps 5] [--repeats 5]
-        [--host_memory auto|reuse|system] [--json] [--same_process]
+        [--precision auto|fp32,bf16] [--groups 1|2] [--batch 32] [--eval_crops 1|10]
+        [--steps 5] [--repeats 5] [--host_memory auto|reuse|system] [--json] [--same_process]
 
 JAX: the real pmap-ed steps of ``alexnet_jax.steps`` (what ``main.py`` runs), on one device
 (PyTorch runs on one; on a CPU one XLA device uses every core, as PyTorch's threads do), on
@@ -27,7 +27,9 @@ as a trained network is served. bf16 is ``torch.autocast`` (bfloat16 compute, fl
 parameters) in each of them. On a GPU every mode runs with cuDNN's autotuner and
 TensorFloat-32 products (``torch_gpu_settings``: what JAX does there by default). The ratio
 is ours against the fastest PyTorch mode, for training and for evaluation (forward only,
-center crop).
+center crop; with ``--eval_crops 10`` each image is 10 crops, as ``--mode=eval`` evaluates
+them: ours the eval step's 10-crop path, PyTorch the network over the ``10 x batch`` crops
+and each image's 10 softmaxes averaged, both counted in images, not crops, per second).
 
 All runners are warmed up in ``--warmup`` untimed rounds that alternate them as the timed
 repeats do (the first compiles), then each repeat times ``--steps`` steps of each in turn,
@@ -192,7 +194,12 @@ def matmul_peak(
 # --- JAX -------------------------------------------------------------------------------------
 
 
-def jax_runner(variant: str, precision: str, batch: int, platform_name: str, groups: int = 1):
+def jax_runner(
+    variant: str, precision: str, batch: int, platform_name: str, groups: int = 1,
+    eval_crops: int = 1,
+):  # fmt: skip
+    """Our pmap-ed train and eval steps, each a function of a step count that returns the
+    last step's output; evaluation on ``(batch, eval_crops, H, W, 3)`` images with crops."""
     devices = jax.devices(platform_name)[:1]
     config = jax_config(variant, precision, batch, groups)
     size = config.image_size
@@ -209,22 +216,24 @@ def jax_runner(variant: str, precision: str, batch: int, platform_name: str, gro
     images = rng.integers(0, 256, (1, batch, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 1000, (1, batch), dtype=np.int32)
     train_batch = jax.device_put({"image": images, "label": labels}, sharding)
+    if eval_crops > 1:  # the 10-crop layout the input pipeline hands the eval step
+        images = rng.integers(0, 256, (1, batch, eval_crops, size, size, 3), dtype=np.uint8)
     eval_batch = jax.device_put(
         {"image": images, "label": labels, "mask": np.ones((1, batch), np.float32)}, sharding
     )
     holder = {"state": state}
 
-    def train_steps(n: int) -> None:
+    def train_steps(n: int):
         metrics = None
         for _ in range(n):
             holder["state"], metrics = p_train(holder["state"], train_batch)
-        jax.block_until_ready((holder["state"].params, metrics))
+        return jax.block_until_ready((holder["state"].params, metrics))[1]
 
-    def eval_steps(n: int) -> None:
+    def eval_steps(n: int):
         out = None
         for _ in range(n):
             out = p_eval(holder["state"], eval_batch)
-        jax.block_until_ready(out)
+        return jax.block_until_ready(out)
 
     return train_steps, eval_steps
 
@@ -333,9 +342,21 @@ def torch_inference(device_type: str, autocast: bool, frozen: bool):
         yield
 
 
-def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool, groups: int = 1):
-    """PyTorch's train and eval steps in ``mode`` (see ``TORCH_MODES``); the train steps are
-    None in a mode of ``EVAL_ONLY_MODES``."""
+def crop_average(probabilities, crops: int):
+    """Each image's class probabilities from its ``crops`` consecutive rows' (the crops'
+    softmaxes averaged, as our eval step averages them)."""
+    if crops == 1:
+        return probabilities
+    return probabilities.view(-1, crops, probabilities.shape[-1]).mean(1)
+
+
+def torch_runner(
+    variant: str, precision: str, batch: int, mode: str, gpu: bool, groups: int = 1,
+    eval_crops: int = 1,
+):  # fmt: skip
+    """PyTorch's train and eval steps in ``mode`` (see ``TORCH_MODES``), each a function of
+    a step count that returns the last step's loss or probabilities; the train steps are None
+    in a mode of ``EVAL_ONLY_MODES``. Evaluation runs over ``batch x eval_crops`` rows."""
     import torch
 
     torch.manual_seed(0)
@@ -351,6 +372,10 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool,
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
                            generator=generator).to(device)  # fmt: skip
     labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    crops = images
+    if eval_crops > 1:  # each image's crops in consecutive rows
+        crops = torch.randint(0, 256, (batch * eval_crops, 3, size, size), dtype=torch.uint8,
+                              generator=generator).to(device)  # fmt: skip
     autocast = precision == "bf16"
     frozen = mode in EVAL_ONLY_MODES
     model = normalized(net, memory_format).to(device)
@@ -374,13 +399,13 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool,
 
     def forward(x):
         with torch_inference(device.type, autocast, frozen):
-            return call(x).float().softmax(-1)
+            return crop_average(call(x).float().softmax(-1), eval_crops)
 
     def sync():
         if gpu:
             torch.cuda.synchronize()
 
-    def train_steps(n: int) -> None:
+    def train_steps(n: int):
         net.train()
         for _ in range(n):
             loss = step(images, labels)
@@ -389,13 +414,15 @@ def torch_runner(variant: str, precision: str, batch: int, mode: str, gpu: bool,
         # Free the gradients now, not at the next turn's first step: between turns no runner
         # holds memory the others' steps would take from the shared heap.
         optimizer.zero_grad(set_to_none=True)
+        return loss
 
-    def eval_steps(n: int) -> None:
+    def eval_steps(n: int):
         net.eval()
         for _ in range(n):
-            out = forward(images)
+            out = forward(crops)
         out.sum().item()
         sync()
+        return out
 
     return (None if frozen else train_steps), eval_steps
 
@@ -446,10 +473,11 @@ def fresh_torch_compiler() -> None:
 
 def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
     fresh_torch_compiler()  # the previous variant's graphs are not run again
-    runners = {"jax": jax_runner(variant, precision, args.batch, platform_name, args.groups)}
+    crops = args.eval_crops
+    runners = {"jax": jax_runner(variant, precision, args.batch, platform_name, args.groups, crops)}
     for mode in args.torch_modes:
         runners[f"torch_{mode}"] = torch_runner(
-            variant, precision, args.batch, mode, gpu, args.groups
+            variant, precision, args.batch, mode, gpu, args.groups, crops
         )
     train, train_faults = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 0)
     evaluation, eval_faults = measure(runners, args.steps, args.repeats, args.warmup, args.batch, 1)
@@ -460,6 +488,7 @@ def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
         "variant": variant,
         "precision": precision,
         "groups": args.groups,
+        "eval_crops": crops,
         "train_img_s": {n: round(v, 2) for n, v in train.items()},
         "eval_img_s": {n: round(v, 2) for n, v in evaluation.items()},
         "best_torch_train": best_train,
@@ -467,7 +496,7 @@ def compare(variant, precision, args, platform_name, gpu, peak) -> dict:
         "ratio": round(train["jax"] / train[best_train], 3),
         "eval_ratio": round(evaluation["jax"] / evaluation[best_eval], 3),
         "train_gflops": {n: round(v * 3 * fwd / 1e9, 1) for n, v in train.items()},
-        "eval_gflops": {n: round(v * fwd / 1e9, 1) for n, v in evaluation.items()},
+        "eval_gflops": {n: round(v * crops * fwd / 1e9, 1) for n, v in evaluation.items()},
         "train_faults_per_step": {n: round(v) for n, v in train_faults.items()},
         "eval_faults_per_step": {n: round(v) for n, v in eval_faults.items()},
     }
@@ -482,7 +511,10 @@ def print_result(result: dict) -> None:
     print(f"\n{result['variant']}{towers}, {result['precision']}: images/s (GFLOP/s, share of "
           f"the {result['precision']} peak)")  # fmt: skip
     width = max(map(len, result["eval_img_s"])) + 2
-    print(f"  {'':{width}}{'train':>24}{'eval':>10}{'page faults/step':>20}")
+    crops = result.get("eval_crops", 1)
+    title = "eval" if crops == 1 else f"eval, {crops} crops"
+    column = max(10, len(title) + 2)
+    print(f"  {'':{width}}{'train':>24}{title:>{column}}{'page faults/step':>20}")
     for name, evaluation in result["eval_img_s"].items():
         if name in result["train_img_s"]:
             rate, share = result["train_img_s"][name], result["train_peak_share"][name]
@@ -491,7 +523,7 @@ def print_result(result: dict) -> None:
         else:  # an evaluation-only mode
             train, faults = f"{'-':>7}{'':17}", "-, "
         faults += str(result["eval_faults_per_step"][name])
-        print(f"  {name:{width}}{train}{evaluation:10.1f}{faults:>20}")
+        print(f"  {name:{width}}{train}{evaluation:{column}.1f}{faults:>20}")
     print(f"  ours / PyTorch's best: train {result['ratio']:.3f} (against "
           f"{result['best_torch_train']}), eval {result['eval_ratio']:.3f} (against "
           f"{result['best_torch_eval']})")  # fmt: skip
@@ -506,6 +538,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--groups", type=int, default=1,
                         help="towers of conv2, conv4, conv5 (2: the paper's)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--eval_crops", type=int, choices=[1, 10], default=1,
+                        help="crops per evaluated image (10: --mode=eval's 10 crops)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     rounds = "untimed rounds of --steps steps, alternating (the first compiles)"
@@ -566,8 +600,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     )
     memory = "kept for reuse" if reused else "glibc's defaults"
+    crops = "" if args.eval_crops == 1 else f" (evaluation: {args.eval_crops} crops an image)"
     print(f"JAX {jax.__version__} on {jax_device.device_kind}; PyTorch {torch.__version__} on "
-          f"{torch_device}; batch {args.batch}; host memory {memory} (--host_memory "
+          f"{torch_device}; batch {args.batch}{crops}; host memory {memory} (--host_memory "
           f"{args.host_memory})")  # fmt: skip
     peak = matmul_peak(platform_name, args.peak_size or (8192 if gpu else 2048), precisions)
     print("matmul peak, GFLOP/s: " + ", ".join(f"{k} {v:.3g}" for k, v in peak.items()))
@@ -583,6 +618,7 @@ def main(argv: list[str] | None = None) -> dict:
         "jax_device": jax_device.device_kind,
         "torch_device": torch_device,
         "batch": args.batch,
+        "eval_crops": args.eval_crops,
         "host_memory": {"mode": args.host_memory, "reused": reused},
         "torch_settings": torch_settings,
         "peak_gflops": {k: round(v, 1) for k, v in peak.items()},
@@ -605,8 +641,9 @@ def child_command(args: argparse.Namespace, variant: str, precision: str) -> lis
     return [
         sys.executable, os.path.abspath(__file__), "--device", args.device,
         "--variant", variant, "--precision", precision, "--groups", str(args.groups),
-        "--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
-        "--warmup", str(args.warmup), "--torch_modes", ",".join(args.torch_modes),
+        "--batch", str(args.batch), "--eval_crops", str(args.eval_crops),
+        "--steps", str(args.steps), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+        "--torch_modes", ",".join(args.torch_modes),
         "--peak_size", str(args.peak_size), "--host_memory", args.host_memory, "--json",
     ]  # fmt: skip
 

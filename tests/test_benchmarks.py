@@ -4,7 +4,9 @@ import argparse
 import os
 import subprocess
 import sys
+import types
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -76,7 +78,7 @@ def test_each_comparison_runs_in_a_process_of_its_own(monkeypatch, capsys):
     monkeypatch.setattr(compare_pytorch, "run_child", child)
     summary = compare_pytorch.main(
         ["--variant", "paper,torchvision", "--precision", "fp32,bf16", "--batch", "4",
-         "--torch_modes", "eager,compile", "--groups", "2", "--json"]
+         "--torch_modes", "eager,compile", "--groups", "2", "--eval_crops", "10", "--json"]
     )  # fmt: skip
     assert [(c[c.index("--variant") + 1], c[c.index("--precision") + 1]) for c in commands] == [
         ("paper", "fp32"), ("paper", "bf16"), ("torchvision", "fp32"), ("torchvision", "bf16")
@@ -84,7 +86,8 @@ def test_each_comparison_runs_in_a_process_of_its_own(monkeypatch, capsys):
     for command in commands:
         assert command[0] == sys.executable and command[-1] == "--json"
         for flag, value in (("--batch", "4"), ("--torch_modes", "eager,compile"),
-                            ("--groups", "2"), ("--host_memory", "auto")):  # fmt: skip
+                            ("--groups", "2"), ("--eval_crops", "10"),
+                            ("--host_memory", "auto")):  # fmt: skip
             assert command[command.index(flag) + 1] == value
     assert summary["processes"] == "one per comparison"
     assert [r["ratio"] for r in summary["results"]] == pytest.approx([0.9, 0.8, 0.7, 0.6])
@@ -299,7 +302,7 @@ def test_frozen_modes_are_timed_for_evaluation_only(monkeypatch, capsys):
                         lambda v, p, b, mode, *a: runner(f"torch_{mode}"))  # fmt: skip
     monkeypatch.setattr(compare_pytorch, "time_repeats", lambda run, n: run.seconds * n)
     monkeypatch.setattr(compare_pytorch, "PAUSE_S", 0.0)
-    args = argparse.Namespace(groups=1, batch=4, steps=2, repeats=3, warmup=1,
+    args = argparse.Namespace(groups=1, batch=4, eval_crops=1, steps=2, repeats=3, warmup=1,
                               torch_modes=["eager", "compile", "compile+cl+freeze"])  # fmt: skip
     result = compare_pytorch.compare("torchvision", "fp32", args, "cpu", False, {"fp32": 100.0})
     assert set(result["train_img_s"]) == {"jax", "torch_eager", "torch_compile"}
@@ -312,6 +315,38 @@ def test_frozen_modes_are_timed_for_evaluation_only(monkeypatch, capsys):
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows["torch_compile+cl+freeze"][1:3] == ["-", "10.0"]  # no train figure, eval 4/0.4
     assert rows["torch_compile"][1] == "3.2"
+
+
+def test_pytorch_averages_crops_as_our_eval_step_does():
+    """With ``--eval_crops``, PyTorch's probabilities are each image's crops' softmaxes
+    averaged, what our eval step computes (``steps.eval_logits``, the reference) from the
+    same logits."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(3, 10, 4, 4, 2)).astype(np.float32)  # 3 images x 10 crops
+    kernel = rng.normal(size=(32, 7)).astype(np.float32)
+    dense = lambda variables, x: x.reshape(len(x), -1) @ variables["params"]  # noqa: E731
+    state = types.SimpleNamespace(params=kernel, apply_fn=dense)
+    ours = jax.nn.softmax(compare_pytorch.steps.eval_logits(state, images))
+    logits = torch.from_numpy(images.reshape(30, -1) @ kernel)  # the crops as rows, in order
+    theirs = compare_pytorch.crop_average(logits.softmax(-1), 10)
+    assert theirs.shape == (3, 7)
+    np.testing.assert_allclose(theirs.numpy(), np.asarray(ours), rtol=1e-5, atol=1e-7)
+    assert compare_pytorch.crop_average(logits, 1) is logits
+
+
+@pytest.mark.slow
+def test_both_frameworks_evaluate_ten_crops_an_image():
+    """``eval_crops=10``: our eval step gets (batch, 10, H, W, 3) images and returns one
+    prediction per image; PyTorch's evaluation runs the 10 x batch crops and returns one
+    distribution per image."""
+    _, ours = compare_pytorch.jax_runner("torchvision", "fp32", 2, "cpu", 1, 10)
+    out = ours(1)
+    chex.assert_shape(out["top5"], (1, 2, 5))
+    chex.assert_shape(out["loss"], (1, 2))
+    _, theirs = compare_pytorch.torch_runner("torchvision", "fp32", 2, "eager", False, 1, 10)
+    probabilities = theirs(1)
+    assert probabilities.shape == (2, 1000)
+    np.testing.assert_allclose(probabilities.sum(-1).numpy(), 1.0, rtol=1e-5)
 
 
 @pytest.mark.slow
