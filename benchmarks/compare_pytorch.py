@@ -343,8 +343,8 @@ def torch_inference(device_type: str, autocast: bool, frozen: bool):
 
 
 def crop_average(probabilities, crops: int):
-    """Each image's class probabilities from its ``crops`` consecutive rows' (the crops'
-    softmaxes averaged, as our eval step averages them)."""
+    """Each image's class probabilities: the mean of its ``crops`` consecutive rows of
+    ``probabilities`` (its crops' softmaxes), as our eval step averages them."""
     if crops == 1:
         return probabilities
     return probabilities.view(-1, crops, probabilities.shape[-1]).mean(1)
