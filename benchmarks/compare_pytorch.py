@@ -372,9 +372,9 @@ def torch_runner(
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
                            generator=generator).to(device)  # fmt: skip
     labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
-    crops = images
+    eval_images = images
     if eval_crops > 1:  # each image's crops in consecutive rows
-        crops = torch.randint(0, 256, (batch * eval_crops, 3, size, size), dtype=torch.uint8,
+        eval_images = torch.randint(0, 256, (batch * eval_crops, 3, size, size), dtype=torch.uint8,
                               generator=generator).to(device)  # fmt: skip
     autocast = precision == "bf16"
     frozen = mode in EVAL_ONLY_MODES
@@ -419,7 +419,7 @@ def torch_runner(
     def eval_steps(n: int):
         net.eval()
         for _ in range(n):
-            out = forward(crops)
+            out = forward(eval_images)
         out.sum().item()
         sync()
         return out
@@ -511,7 +511,7 @@ def print_result(result: dict) -> None:
     print(f"\n{result['variant']}{towers}, {result['precision']}: images/s (GFLOP/s, share of "
           f"the {result['precision']} peak)")  # fmt: skip
     width = max(map(len, result["eval_img_s"])) + 2
-    crops = result.get("eval_crops", 1)
+    crops = result["eval_crops"]
     title = "eval" if crops == 1 else f"eval, {crops} crops"
     column = max(10, len(title) + 2)
     print(f"  {'':{width}}{'train':>24}{title:>{column}}{'page faults/step':>20}")
