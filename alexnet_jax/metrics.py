@@ -10,12 +10,33 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
-from tensorboardX import SummaryWriter  # writes events without TensorFlow
+
+
+def summary_writer(logdir: str):
+    """tensorboardX's ``SummaryWriter`` for ``logdir`` (TensorBoard events without TensorFlow),
+    imported without PyTorch.
+
+    tensorboardX imports ``torch`` whenever it is installed, only to accept its tensors; we
+    write floats and numpy arrays. In a JAX process that import costs seconds at every start
+    and, on a GPU machine, loads PyTorch's CUDA libraries next to JAX's. So where no one has
+    imported ``torch`` yet, tensorboardX's first import sees it as missing (a ``None`` in
+    ``sys.modules`` makes ``import torch`` raise ``ImportError``, which tensorboardX expects),
+    and the entry is removed at once: a later ``import torch`` elsewhere works as usual."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            sys.modules.pop("torch", None)
+    return SummaryWriter(logdir)
 
 
 class MetricsWriter:
@@ -24,7 +45,7 @@ class MetricsWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tensorboard = None
         if self.enabled:
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tensorboard = summary_writer(os.path.join(workdir, "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

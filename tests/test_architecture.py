@@ -18,6 +18,7 @@ LAZY_IMPORTS = (
     "alexnet_jax.data.tf_pipeline",  # imports TensorFlow
     "alexnet_jax.data.prepared",  # array_record and libjpeg-turbo, for prepared records only
     "torch",  # reading .pth files
+    "tensorboardX",  # imported with torch hidden (metrics.summary_writer)
     "matplotlib",  # figures
     "sklearn",  # the digits source only
     "grain",
@@ -139,6 +140,26 @@ def test_the_converter_and_the_benchmarks_run_from_any_directory(tmp_path):
         )
         assert result.returncode == 0, (command, result.stderr[-2000:])
         assert "usage:" in result.stdout
+
+
+def test_metrics_write_tensorboard_events_without_importing_torch(tmp_path):
+    """tensorboardX imports torch wherever it is installed (as here); a run writes its events
+    without it, and a later ``import torch`` in the same process still works."""
+    code = (
+        "import os, sys; import numpy as np; from alexnet_jax import metrics;"
+        f"w = metrics.MetricsWriter({str(tmp_path)!r}, enabled=True);"
+        "w.write({'step': 2, 'epoch': 0.5, 'split': 'eval', 'loss': 1.5, 'top1': 0.25});"
+        "w.write_images(2, {'eval/kernels': np.ones((8, 8, 3))}); w.close();"
+        "assert 'torch' not in sys.modules, 'tensorboardX imported torch';"
+        "import torch; print('torch', torch.ones(2).sum().item())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch 2.0" in result.stdout
+    (events,) = os.listdir(tmp_path / "tensorboard")
+    assert events.startswith("events.") and os.path.getsize(tmp_path / "tensorboard" / events)
 
 
 def test_the_readme_code_map_lists_every_module_in_dependency_order():

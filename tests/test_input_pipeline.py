@@ -295,13 +295,14 @@ def test_decode_central_square_png_and_jpeg(tmp_path):
 
 
 @pytest.mark.slow
-def test_synthetic_source_trains_without_importing_tensorflow(tmp_path):
+def test_synthetic_source_trains_without_importing_tensorflow_or_torch(tmp_path):
     code = (
         "import sys; from configs import synthetic; from alexnet_jax import train;"
         "c = synthetic.get_config(); c.image_size = 67; c.batch_size = 8; c.eval_batch_size = 8;"
         "c.num_train_steps = 2; c.progress_bar = False;"
         f"r = train.train_and_evaluate(c, {str(tmp_path)!r});"
         "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported';"
+        "assert 'torch' not in sys.modules, 'PyTorch was imported';"
         "print('top1', r['top1'])"
     )
     result = subprocess.run(
