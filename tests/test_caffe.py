@@ -134,9 +134,24 @@ def write_caffemodel(path, weights, legacy=False):
                     blob.num, blob.channels, blob.height, blob.width = dims
                 else:
                     blob.shape.dim.extend(array.shape)
-                blob.data.extend(array.ravel().tolist())
+                # ``data``, the packed floats, parsed by protobuf from their wire form: the same
+                # message as ``blob.data.extend(array.ravel().tolist())``, in a second instead
+                # of a minute for AlexNet's 61 M values.
+                number = blob.DESCRIPTOR.fields_by_name["data"].number
+                floats = array.astype("<f4").tobytes()
+                blob.MergeFromString(varint(number << 3 | 2) + varint(len(floats)) + floats)
     with open(path, "wb") as f:
         f.write(net.SerializeToString())
+
+
+def varint(value):
+    """``value`` as a protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def torch_caffe_alexnet(weights):
