@@ -25,7 +25,9 @@ packed products, constants folded).
 Frozen weights can no longer be trained, so those two modes are timed for evaluation only,
 as a trained network is served. bf16 is ``torch.autocast`` (bfloat16 compute, float32
 parameters) in each of them. On a GPU every mode runs with cuDNN's autotuner and
-TensorFloat-32 products (``torch_gpu_settings``: what JAX does there by default). The ratio
+TensorFloat-32 products (``torch_gpu_settings``: what JAX does there by default), and JAX
+allocates GPU memory as it needs instead of taking most of it up front (``share_gpu_memory``).
+The ratio
 is ours against the fastest PyTorch mode, for training and for evaluation (forward only,
 center crop; with ``--eval_crops 10`` each image is 10 crops, as ``--mode=eval`` evaluates
 them: ours the eval step's 10-crop path, PyTorch the network over the ``10 x batch`` crops
@@ -322,6 +324,18 @@ def torch_gpu_settings() -> dict[str, bool]:
     }
 
 
+def share_gpu_memory(environ=os.environ) -> dict[str, str]:
+    """On a GPU both frameworks share one device: JAX allocates as it needs
+    (``XLA_PYTHON_CLIENT_PREALLOCATE=false``) instead of taking 75 % of the GPU's memory when
+    it starts, which would leave PyTorch a quarter of it (and cuDNN's autotuner and inductor's
+    max-autotune skip what does not fit). Each still keeps what it allocated for reuse (JAX's
+    BFC allocator, PyTorch's caching allocator). A value the caller set is kept. It must be
+    set before JAX starts its backends (``main`` sets it before any JAX call; the processes it
+    starts inherit it); returns the setting, for the report."""
+    environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return {"XLA_PYTHON_CLIENT_PREALLOCATE": environ["XLA_PYTHON_CLIENT_PREALLOCATE"]}
+
+
 @contextlib.contextmanager
 def torch_inference(device_type: str, autocast: bool, frozen: bool):
     """What PyTorch's evaluation runs under: inference mode (``torch.inference_mode``: no
@@ -582,6 +596,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"--groups {args.groups}: must be >= 1 and divide the {variant} "
                          f"variant's grouped channels {sorted(set(grouped))}")  # fmt: skip
 
+    jax_settings = share_gpu_memory() if args.device == "gpu" else {}
     if len(variants) * len(precisions) > 1 and not args.same_process:
         return compare_in_own_processes(args, variants, precisions)
     reused = host_memory.configure(args.host_memory)  # before JAX and PyTorch start threads
@@ -621,6 +636,7 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_crops": args.eval_crops,
         "host_memory": {"mode": args.host_memory, "reused": reused},
         "torch_settings": torch_settings,
+        "jax_settings": jax_settings,
         "peak_gflops": {k: round(v, 1) for k, v in peak.items()},
         "results": results,
         "ratio": min(r["ratio"] for r in results),  # the worst case over what was measured

@@ -148,13 +148,15 @@ def test_the_benchmark_does_not_import_tensorflow():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_the_gpu_path_parses_and_stops_cleanly_without_a_gpu():
+def test_the_gpu_path_parses_and_stops_cleanly_without_a_gpu(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the GPU path runs for real")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
     with pytest.raises(SystemExit, match="PyTorch sees no CUDA device"):
         compare_pytorch.main(
             ["--device", "gpu", "--precision", "bf16", "--batch", "512", "--host_memory", "system"]
         )
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"  # set before JAX's backends
     with pytest.raises(SystemExit):
         compare_pytorch.main(["--torch_modes", "eager,jit"])  # not a PyTorch mode here
 
@@ -191,6 +193,14 @@ def test_the_frozen_modes_evaluate_with_the_weights_frozen():
             assert not torch.allclose(second, expected, atol=1e-3)
         else:
             np.testing.assert_allclose(second.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_on_a_gpu_jax_leaves_pytorch_its_share_of_the_memory():
+    environ = {}
+    assert compare_pytorch.share_gpu_memory(environ) == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    assert environ == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    mine = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}  # the caller's own choice is kept
+    assert compare_pytorch.share_gpu_memory(mine) == {"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}
 
 
 def test_pytorch_on_a_gpu_autotunes_and_takes_tensorfloat32_as_jax_does():
@@ -363,6 +373,7 @@ def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
     assert set(result["eval_img_s"]) == set(result["train_img_s"]) | {frozen}
     assert result["eval_img_s"][frozen] > 0
     assert summary["torch_settings"] == {"optimizer": "SGD(fused=True)"}  # no GPU flags here
+    assert summary["jax_settings"] == {}
     best = max(("torch_eager", "torch_compile+autotune"), key=result["train_img_s"].get)
     assert result["best_torch_train"] == best
     # The figures are rounded to 0.01 images/s (the ratio to 0.001): at this size, under load,
