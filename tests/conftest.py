@@ -1,6 +1,10 @@
-"""Test set-up, before JAX starts its backend: four CPU devices for the multi-device tests, and
-one persistent XLA compilation cache for the session. With ``CI=true`` a skipped test fails
-the session: in CI every independent reference (PyTorch, TensorFlow, TFDS) must run.
+"""Test set-up, before JAX starts its backend: four CPU devices for the multi-device tests,
+one persistent XLA compilation cache for the session, and host memory as ``main.py`` keeps it
+by default (``config.host_memory="auto"``: on a CPU-only installation the memory the steps
+free is kept for the next ones; in this process that took the in-process tests' page faults
+from 4.8 M to 0.65 M and ``tests/test_model.py`` from 170-176 s to 158-160 s). With
+``CI=true`` a skipped test fails the session: in CI every independent reference (PyTorch,
+TensorFlow, TFDS) must run.
 
 The cache is an environment variable, so the ``main.py`` processes the tests start share it:
 the same small train and eval steps compile once instead of once per run (the suite's
@@ -14,10 +18,14 @@ import tempfile
 
 import pytest
 
+from alexnet_jax import host_memory
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
+
+host_memory.configure("auto")  # before JAX starts its threads, as main.py does
 
 _OWN_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
