@@ -27,15 +27,19 @@ def summary_writer(logdir: str):
     and, on a GPU machine, loads PyTorch's CUDA libraries next to JAX's. So where no one has
     imported ``torch`` yet, tensorboardX's first import sees it as missing (a ``None`` in
     ``sys.modules`` makes ``import torch`` raise ``ImportError``, which tensorboardX expects),
-    and the entry is removed at once: a later ``import torch`` elsewhere works as usual."""
-    if "tensorboardX" in sys.modules or "torch" in sys.modules:
-        from tensorboardX import SummaryWriter
-    else:
+    and the entry is removed at once: a later ``import torch`` elsewhere works as usual. A
+    tensorboardX that cannot be imported that way (one that needs torch to import) is imported
+    the ordinary way."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None
         try:
-            from tensorboardX import SummaryWriter
+            import tensorboardX  # noqa: F401
+        except (ImportError, ValueError):
+            pass  # the import below, with torch, says what is wrong if anything still is
         finally:
             sys.modules.pop("torch", None)
+    from tensorboardX import SummaryWriter
+
     return SummaryWriter(logdir)
 
 

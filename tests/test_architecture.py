@@ -162,6 +162,27 @@ def test_metrics_write_tensorboard_events_without_importing_torch(tmp_path):
     assert events.startswith("events.") and os.path.getsize(tmp_path / "tensorboard" / events)
 
 
+def test_a_tensorboardx_that_needs_torch_to_import_is_imported_with_it(tmp_path):
+    fake = tmp_path / "tensorboardX"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        "import torch\n\nclass SummaryWriter:\n    def __init__(self, logdir):\n"
+        "        self.logdir = logdir\n"
+    )
+    code = (
+        "import sys; from alexnet_jax import metrics;"
+        "w = metrics.summary_writer('events'); assert type(w).__module__ == 'tensorboardX';"
+        "assert 'torch' in sys.modules and sys.modules['torch'] is not None; print(w.logdir)"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "events"
+
+
 def test_the_readme_code_map_lists_every_module_in_dependency_order():
     readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme.split("## Code map")[1].split("\n## ")[0]
