@@ -27,8 +27,7 @@ as a trained network is served. bf16 is ``torch.autocast`` (bfloat16 compute, fl
 parameters) in each of them. On a GPU every mode runs with cuDNN's autotuner and
 TensorFloat-32 products (``torch_gpu_settings``: what JAX does there by default), and JAX
 allocates GPU memory as it needs instead of taking most of it up front (``share_gpu_memory``).
-The ratio
-is ours against the fastest PyTorch mode, for training and for evaluation (forward only,
+The ratio is ours against the fastest PyTorch mode, for training and for evaluation (forward only,
 center crop; with ``--eval_crops 10`` each image is 10 crops, as ``--mode=eval`` evaluates
 them: ours the eval step's 10-crop path, PyTorch the network over the ``10 x batch`` crops
 and each image's 10 softmaxes averaged, both counted in images, not crops, per second).

@@ -135,8 +135,8 @@ def write_caffemodel(path, weights, legacy=False):
                 else:
                     blob.shape.dim.extend(array.shape)
                 # ``data``, the packed floats, parsed by protobuf from their wire form: the same
-                # message as ``blob.data.extend(array.ravel().tolist())``, in a second instead
-                # of a minute for AlexNet's 61 M values.
+                # message as ``blob.data.extend(array.ravel().tolist())``, byte for byte, in
+                # 1-5 s a file for AlexNet's 61 M values instead of 9 on the EPYC.
                 number = blob.DESCRIPTOR.fields_by_name["data"].number
                 floats = array.astype("<f4").tobytes()
                 blob.MergeFromString(varint(number << 3 | 2) + varint(len(floats)) + floats)
@@ -245,9 +245,11 @@ def test_a_caffe_workdir_predicts_evaluates_and_fine_tunes(caffe_files, tmp_path
     with torch.no_grad():
         logits = torch_caffe_alexnet(weights)(torch.from_numpy(bgr_minus_mean))
         probs = torch.softmax(logits, -1)[0].numpy()
-    top = np.argsort(-probs)[:5]
-    assert [int(name) for name, _ in result["top"]] == top.tolist()
-    np.testing.assert_allclose([p for _, p in result["top"]], probs[top], rtol=1e-3)
+    # Our top 5 are Caffe's top 5 with its probabilities (classes whose probabilities tie
+    # within float32 rounding, or underflow to 0 or denormals, may come in either order).
+    ours = [int(name) for name, _ in result["top"]]
+    np.testing.assert_allclose([p for _, p in result["top"]], probs[ours], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(probs[ours], np.sort(probs)[::-1][:5], rtol=1e-3, atol=1e-6)
 
     # --mode=eval on an image folder of 10 classes (the converted head's), both crop counts.
     from tests.test_prepared import photo_folder
