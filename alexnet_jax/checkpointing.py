@@ -114,7 +114,8 @@ def restore(manager: ocp.CheckpointManager, state: Any, step: int) -> Any:
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any) -> tuple[Any, int | None]:
     """Returns (the newest readable checkpoint's state, its step), or (state, None) if there
-    is none. ``state`` gives the structure, shapes and dtypes to restore into.
+    is none. ``state`` gives the structure, shapes and dtypes to restore into: arrays, or
+    ``jax.ShapeDtypeStruct`` leaves (``steps.abstract_train_state``).
 
     A checkpoint that cannot be read is named in a warning and moved aside to
     ``<step>.damaged`` (kept for inspection, out of Orbax's way), and the one before it is

@@ -231,9 +231,7 @@ def write_workdir(
     manager = checkpointing.create_manager(workdir, config)
     if manager.latest_step() is not None:
         raise ConfigError(f"{workdir!r} already holds checkpoints; choose an empty workdir")
-    state = template_state(config)
-    state = state.replace(params=jax.tree_util.tree_map(np.asarray, variables["params"]))
-    state = state.replace(opt_state=state.tx.init(state.params))
+    state = template_state(config, params=jax.tree_util.tree_map(np.asarray, variables["params"]))
     checkpointing.save(manager, 0, state)
     manager.wait_until_finished()
     manager.close()

@@ -27,7 +27,12 @@ from alexnet_jax.errors import CheckpointError, ConfigError, DataError, MissingC
 from alexnet_jax.files import atomic_write
 from alexnet_jax.metrics import read_metrics
 from alexnet_jax.model import describe
-from alexnet_jax.steps import TrainState, create_model, create_train_state
+from alexnet_jax.steps import (
+    TrainState,
+    abstract_train_state,
+    create_model,
+    create_train_state,
+)
 
 CONFIG_FILE = "config.json"
 CLASS_NAMES_FILE = "class_names.txt"
@@ -170,12 +175,19 @@ def _saved_params_metadata(manager, step: int) -> Any:
     return tree["params"]
 
 
-def template_state(config: ml_collections.ConfigDict) -> TrainState:
-    """A freshly initialized state of the model ``config`` describes: the shapes to restore."""
+def template_state(
+    config: ml_collections.ConfigDict, abstract: bool = False, params: Any = None
+) -> TrainState:
+    """A new state of the model ``config`` describes: freshly initialized, or holding
+    ``params`` (converted weights); with ``abstract``, its shapes and dtypes alone
+    (``steps.abstract_train_state``: what a checkpoint is restored into, nothing
+    initialized)."""
     channels = 3 if config.grayscale_to_rgb else config.channels
     model = create_model(config, config.num_classes)
     shape = (config.image_size, config.image_size, channels)
-    return create_train_state(jax.random.PRNGKey(0), config, model, shape)
+    if abstract:
+        return abstract_train_state(config, model, shape)
+    return create_train_state(jax.random.PRNGKey(0), config, model, shape, params)
 
 
 def restore_state(
@@ -185,7 +197,7 @@ def restore_state(
     manager = checkpointing.create_manager(workdir, config)
     try:
         step = choose_step(workdir, manager, which)
-        template = template_state(config)
+        template = template_state(config, abstract=True)
         check_fits(manager, step, template, config)
         return checkpointing.restore(manager, template, step), step
     finally:

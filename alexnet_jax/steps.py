@@ -66,12 +66,19 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
 
 
 def create_train_state(
-    rng: jax.Array, config: ml_collections.ConfigDict, model: nn.Module, image_shape: tuple
+    rng: jax.Array,
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    image_shape: tuple,
+    params: Any = None,
 ) -> TrainState:
+    """A new state at step 0: ``model``'s parameters initialized from ``rng`` for images of
+    ``image_shape`` (or ``params`` as given: converted weights), a fresh optimizer state."""
     init_rng, state_rng = jax.random.split(rng)
-    params = jax.jit(lambda key: model.init(key, jnp.zeros((1,) + tuple(image_shape)))["params"])(
-        init_rng
-    )
+    if params is None:
+        params = jax.jit(
+            lambda key: model.init(key, jnp.zeros((1,) + tuple(image_shape)))["params"]
+        )(init_rng)
     tx = optim.create_optimizer(config)
     return TrainState(
         step=jnp.asarray(0, jnp.int32),
@@ -82,6 +89,24 @@ def create_train_state(
         nonfinite_step=jnp.asarray(-1, jnp.int32),
         apply_fn=model.apply,
         tx=tx,
+    )
+
+
+def abstract_train_state(
+    config: ml_collections.ConfigDict, model: nn.Module, image_shape: tuple
+) -> TrainState:
+    """``create_train_state``'s structure, shapes, dtypes and placement (the first local
+    device), computed without initializing anything: what a checkpoint is restored into.
+
+    Initializing compiles and runs the initializers (about 5 s on a CPU for the paper
+    network, mostly compiling its random number generation) only to have every value
+    replaced by the checkpoint's."""
+    abstract = jax.eval_shape(
+        lambda rng: create_train_state(rng, config, model, image_shape), jax.random.PRNGKey(0)
+    )
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
     )
 
 

@@ -68,16 +68,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = steps.create_model(config, dataset.num_classes)
     learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
     rng = jax.random.PRNGKey(config.seed)  # a raw uint32 key: checkpoints store it as is
-    state = steps.create_train_state(rng, config, model, dataset.image_shape)
     manager = checkpointing.create_manager(workdir, config)
-    state, restored_step = checkpointing.restore_latest(manager, state)
-    start_step = int(jax.device_get(state.step))
+    # A resumed run restores into the state's shapes; only a new one initializes.
+    template = steps.abstract_train_state(config, model, dataset.image_shape)
+    state, restored_step = checkpointing.restore_latest(manager, template)
     if restored_step is not None:
         logging.info(
             "Resuming from the checkpoint at step %d in %s", restored_step, manager.directory
         )
-    if restored_step is None and config.init_from:
-        state = init_from(state, config)
+    else:
+        state = steps.create_train_state(rng, config, model, dataset.image_shape)
+        if config.init_from:
+            state = init_from(state, config)
+    start_step = int(jax.device_get(state.step))
     last_checkpoint = restored_step
 
     # --- the steps ------------------------------------------------------------------------------

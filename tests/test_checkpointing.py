@@ -59,6 +59,27 @@ def test_train_state_round_trip_is_exact(tmp_path):
     assert step == 7 and int(restored.step) == 2
     chex.assert_trees_all_equal(jax.device_get([getattr(restored, f) for f in fields]), saved)
     assert float(restored.plateau["best"]) == np.float32(0.4)
+
+    # What resumed runs and evaluation restore into: the same fields' shapes, dtypes and
+    # placement, with nothing computed; the restored state is the same and trains the same.
+    abstract = steps.abstract_train_state(config, model, (67, 67, 1))
+    shapes = [getattr(abstract, f) for f in fields]
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(shapes))
+    chex.assert_trees_all_equal_shapes_and_dtypes(shapes, [getattr(template, f) for f in fields])
+    for x in jax.tree_util.tree_leaves(shapes):
+        assert x.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), x
+    from_abstract, step = checkpointing.restore_latest(manager, abstract)
+    assert step == 7
+    chex.assert_trees_all_equal(jax.device_get([getattr(from_abstract, f) for f in fields]), saved)
+    chex.assert_trees_all_equal(
+        jax.tree_util.tree_map(lambda x: x.sharding, from_abstract.params),
+        jax.tree_util.tree_map(lambda x: x.sharding, restored.params),
+    )
+    (a, a_metrics), (b, b_metrics) = p_train(from_abstract, batch), p_train(restored, batch)
+    chex.assert_trees_all_equal(
+        jax.device_get([a_metrics, *(getattr(a, f) for f in fields)]),
+        jax.device_get([b_metrics, *(getattr(b, f) for f in fields)]),
+    )
     manager.close()
 
 
