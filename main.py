@@ -23,7 +23,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from alexnet_jax import distributed, evaluate, host_memory, neighbors, train
+from alexnet_jax import compilation_cache, distributed, evaluate, host_memory, neighbors, train
 from alexnet_jax.errors import one_line_errors
 from alexnet_jax.run_files import eval_config
 
@@ -71,16 +71,18 @@ def main(argv):
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         usage_error(f"cannot load the --config file: {lines[-1]}")
     reused = host_memory.configure(config.host_memory)  # before JAX starts its threads
+    cache = compilation_cache.configure(config.compilation_cache)  # before any compilation
     distributed.initialize(config.distributed)  # before anything touches the devices
     config_name = os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"]))
     workdir = WORKDIR.value or os.path.join("runs", os.path.splitext(config_name)[0])
     logging.info(
-        "JAX %s, process %d of %d, workdir %s, host memory %s",
+        "JAX %s, process %d of %d, workdir %s, host memory %s, compilation cache %s",
         jax.__version__,
         jax.process_index(),
         jax.process_count(),
         workdir,
         "kept for reuse" if reused else "glibc's defaults",
+        cache or "off",
     )
     if MODE.value == "train":
         train.train_and_evaluate(config, workdir)

@@ -84,6 +84,10 @@ def default_config() -> ml_collections.ConfigDict:
     # auto | reuse | system: keep the host memory a CPU step frees for the next step (glibc;
     # auto: on CPU-only installations). See alexnet_jax/host_memory.py.
     config.host_memory = "auto"
+    # auto | none | a directory: compiled steps kept on disk for the next start (resume, eval,
+    # predict). auto: JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/alexnet_jax/xla (2 GiB,
+    # least recently used evicted). See alexnet_jax/compilation_cache.py.
+    config.compilation_cache = "auto"
 
     # Optimizer (alexnet_jax/optim.py): the paper's SGD.
     config.batch_size = 64  # global, over all devices and processes
