@@ -33,9 +33,9 @@ from alexnet_jax.errors import ConfigError
 MAX_BYTES = 2 << 30  # the default directory's bound
 
 
-def default_dir(environ=os.environ) -> str:
+def default_dir() -> str:
     """``$XDG_CACHE_HOME/alexnet_jax/xla``, ``~/.cache/alexnet_jax/xla`` without it."""
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "alexnet_jax", "xla")
 
 
