@@ -59,11 +59,21 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
         f"config.num_classes=0: the {c.dataset} source needs an explicit class count",
     )
     _require(c.channels in (1, 3), f"config.channels={c.channels}: 1 or 3")
-    _require(
-        c.model.width_divisor >= 1 and all(w % c.model.width_divisor == 0 for _, w in VGG11_ARCH),
-        f"config.model.width_divisor={c.model.width_divisor}: must divide every VGG block's "
-        f"width {[w for _, w in VGG11_ARCH]}",
-    )
+    if c.model.name == "vgg11":
+        _require(
+            c.model.width_divisor >= 1
+            and all(w % c.model.width_divisor == 0 for _, w in VGG11_ARCH),
+            f"config.model.width_divisor={c.model.width_divisor}: must divide every VGG "
+            f"block's width {[w for _, w in VGG11_ARCH]}",
+        )
+    else:
+        try:
+            model.layer_widths(c.model.variant, c.model.groups, c.model.width_divisor)
+        except ValueError as error:
+            raise ConfigError(
+                f"config.model.width_divisor={c.model.width_divisor} with "
+                f"config.model.groups={c.model.groups}: {error}"
+            ) from None
     _require(
         c.model.lrn_size >= 1 and c.model.lrn_size % 2 == 1,
         f"config.model.lrn_size={c.model.lrn_size}: a positive odd number of channels",

@@ -69,7 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
             lrn_k=2.0,
             lrn_alpha=1e-4,
             lrn_beta=0.75,
-            width_divisor=1,  # vgg11: divides every block's width (4: d2l's narrow VGG-11)
+            # divides every layer's width but the last (alexnet: the conv filters and fc6, fc7
+            # units; vgg11: every block's, 4 giving d2l's narrow VGG-11); 1: the network's own
+            width_divisor=1,
         )
     )
     # Fine-tuning: a workdir (a run's, or python -m alexnet_jax.convert's) to start from; its

@@ -133,6 +133,38 @@ def min_input_size(variant: str, overlap_pool: bool = True) -> int:
         size += 1
 
 
+def layer_widths(
+    variant: str, groups: int = 1, width_divisor: int = 1
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The filters of each conv layer and the units of fc6, fc7 for ``variant`` with every
+    width divided by ``width_divisor`` (a narrow network for ablations and quick runs; 1:
+    the variant's own). ``ValueError`` naming the layer if the divisor does not divide a
+    width, or ``groups`` a grouped layer's input or output channels."""
+    spec = _spec(variant)
+    if width_divisor < 1:
+        raise ValueError(f"width_divisor={width_divisor}: must be a positive integer")
+    named = [(f"conv{i + 1}", c.features) for i, c in enumerate(spec.convs)]
+    named += [(f"fc{i + 6}", f) for i, f in enumerate(spec.fc_features)]
+    for name, width in named:
+        if width % width_divisor:
+            raise ValueError(
+                f"width_divisor={width_divisor} does not divide {name}'s width {width} "
+                f"(variant {variant!r})"
+            )
+    convs = tuple(c.features // width_divisor for c in spec.convs)
+    inputs = (None,) + convs[:-1]  # conv1 sees the image; it is never grouped
+    for index, conv in enumerate(spec.convs):
+        if not conv.grouped or groups == 1:
+            continue
+        for what, channels in (("filters", convs[index]), ("input channels", inputs[index])):
+            if channels % groups:
+                raise ValueError(
+                    f"groups={groups} does not divide conv{index + 1}'s {channels} {what} "
+                    f"(variant {variant!r}, width_divisor={width_divisor})"
+                )
+    return convs, tuple(f // width_divisor for f in spec.fc_features)
+
+
 def _spec(variant: str) -> VariantSpec:
     if variant not in SPECS:
         raise ValueError(f"Unknown AlexNet variant {variant!r}; choose one of {VARIANTS}")
@@ -194,6 +226,9 @@ class AlexNet(nn.Module):
       initializer: "paper" (N(0, 0.01^2), the paper's bias constants), "torch" (PyTorch's
         defaults), "xavier" or "he"; None takes the variant's own.
       lrn_size, lrn_k, lrn_alpha, lrn_beta: the LRN constants, in the paper's convention.
+      width_divisor: divides every conv layer's filters and fc6's and fc7's units (4: a
+        network with about 1/14 of the parameters, for ablations and quick runs); fc8 keeps
+        ``num_classes``.
     """
 
     num_classes: int = 1000
@@ -208,6 +243,7 @@ class AlexNet(nn.Module):
     lrn_k: float = 2.0
     lrn_alpha: float = 1e-4
     lrn_beta: float = 0.75
+    width_divisor: int = 1
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -223,9 +259,7 @@ class AlexNet(nn.Module):
                 f"Input {images.shape[1]}x{images.shape[2]} is too small for AlexNet variant "
                 f"{self.variant!r}: the smallest input is {smallest}x{smallest}"
             )
-        for conv in spec.convs:
-            if conv.grouped and conv.features % self.groups:
-                raise ValueError(f"groups={self.groups} does not divide {conv.features} filters")
+        conv_widths, fc_widths = layer_widths(self.variant, self.groups, self.width_divisor)
         window = (3, 3) if self.overlap_pool else (2, 2)
 
         x = images.astype(self.dtype)
@@ -234,7 +268,7 @@ class AlexNet(nn.Module):
             groups = self.groups if conv.grouped else 1
             fan_in = conv.kernel * conv.kernel * x.shape[-1] // groups
             x = Conv(
-                conv.features,
+                conv_widths[index],
                 (conv.kernel, conv.kernel),
                 strides=(conv.stride, conv.stride),
                 padding=[(conv.padding, conv.padding)] * 2,
@@ -256,7 +290,7 @@ class AlexNet(nn.Module):
             x = _adaptive_avg_pool(x, spec.adaptive_pool)  # torchvision: (N, 6, 6, 256)
         x = x.reshape((x.shape[0], -1))  # NHWC flattening: (N, 6 * 6 * 256) at 227 / 224
         dense = functools.partial(Dense, dtype=self.dtype, kernel_init=kernel_init)
-        for index, features in enumerate(spec.fc_features):
+        for index, features in enumerate(fc_widths):
             name = f"fc{index + 6}"
             if spec.dropout_before_fc:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
@@ -326,6 +360,7 @@ def create_model(
             lrn_k=m.lrn_k,
             lrn_alpha=m.lrn_alpha,
             lrn_beta=m.lrn_beta,
+            width_divisor=m.width_divisor,
         )
     if m.name == "vgg11":
         return VGG(
@@ -360,4 +395,5 @@ def describe(model_config: ml_collections.ConfigDict, num_classes: int) -> str:
     m = model_config
     if m.name == "vgg11":
         return f"VGG11(width_divisor={m.width_divisor}, num_classes={num_classes})"
-    return f"AlexNet(variant={m.variant!r}, groups={m.groups}, num_classes={num_classes})"
+    narrow = f", width_divisor={m.width_divisor}" if m.width_divisor != 1 else ""
+    return f"AlexNet(variant={m.variant!r}, groups={m.groups}{narrow}, num_classes={num_classes})"

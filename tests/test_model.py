@@ -45,6 +45,40 @@ def test_exact_parameter_counts(variant, groups, size, channels, num_classes, ex
     assert count_params(abstract_params(model, size, channels)) == expected
 
 
+@pytest.mark.parametrize(
+    "variant,groups,divisor,size,expected",
+    [
+        # conv 11*11*3*24+24, 5*5*24*64+64, 3*3*64*96+96, 3*3*96*96+96, 3*3*96*64+64;
+        # fc6 6*6*64*1024+1024, fc7 1024*1024+1024, fc8 1024*10+10
+        ("paper", 1, 4, 227, 3_661_162),
+        # the towers halve conv2, conv4, conv5's kernels: 5*5*12*64, 3*3*48*96, 3*3*48*64
+        ("paper", 2, 4, 227, 3_661_162 - 19_200 - 41_472 - 27_648),
+        # conv 11*11*3*32+32, 5*5*32*96+96, 3*3*96*192+192, 3*3*192*128+128, 3*3*128*128+128;
+        # fc6 6*6*128*2048+2048, fc7 2048*2048+2048, fc8 2048*10+10
+        ("torchvision", 1, 2, 224, 14_279_594),
+    ],
+)
+def test_width_divisor_narrows_every_layer_but_the_last(variant, groups, divisor, size, expected):
+    model = AlexNet(num_classes=10, variant=variant, groups=groups, width_divisor=divisor)
+    params = abstract_params(model, size, 3)
+    assert count_params(params) == expected
+    widths = [params[name]["kernel"].shape[-1] for name in LAYER_NAMES]
+    full = abstract_params(model.clone(width_divisor=1), size, 3)
+    full_widths = [full[name]["kernel"].shape[-1] for name in LAYER_NAMES]
+    assert widths == [w // divisor for w in full_widths[:-1]] + [10]
+
+
+def test_width_divisor_errors_name_the_layer():
+    x = jnp.zeros((1, 227, 227, 3))
+    with pytest.raises(ValueError, match="width_divisor=5 does not divide conv1's width 96"):
+        jax.eval_shape(AlexNet(width_divisor=5).init, jax.random.key(0), x)
+    with pytest.raises(ValueError, match="width_divisor=0: must be a positive integer"):
+        jax.eval_shape(AlexNet(width_divisor=0).init, jax.random.key(0), x)
+    # 96 / 32 = 3 conv1 filters cannot feed two towers.
+    with pytest.raises(ValueError, match="groups=2 does not divide conv2's 3 input channels"):
+        jax.eval_shape(AlexNet(groups=2, width_divisor=32).init, jax.random.key(0), x)
+
+
 def torch_reference(variant):
     """The same layouts written in PyTorch, an independent count of their parameters."""
     return torch_build(variant, groups=2 if variant == "paper" else 1)[0]
@@ -135,7 +169,7 @@ def test_too_small_input_names_the_smallest_size(variant, smallest):
 def test_bad_arguments_get_clear_errors():
     with pytest.raises(ValueError, match="Unknown AlexNet variant 'vgg'"):
         AlexNet(variant="vgg").init(jax.random.key(0), jnp.zeros((1, 227, 227, 3)))
-    with pytest.raises(ValueError, match="groups=3 does not divide 256"):
+    with pytest.raises(ValueError, match="groups=3 does not divide conv2's 256 filters"):
         AlexNet(groups=3).init(jax.random.key(0), jnp.zeros((1, 227, 227, 3)))
     with pytest.raises(ValueError, match="NHWC"):
         AlexNet().init(jax.random.key(0), jnp.zeros((227, 227, 3)))

@@ -164,6 +164,20 @@ def test_batch_that_does_not_divide_over_devices_is_rejected(tmp_path):
         ({"model.variant": "resnet"}, "config.model.variant='resnet'"),
         ({"lr_schedule": "cyclic"}, "config.lr_schedule='cyclic'"),
         ({"momentum": 1.5}, "config.momentum=1.5"),
+        (
+            {"model.width_divisor": 5},
+            "config.model.width_divisor=5 with config.model.groups=1: width_divisor=5 does "
+            "not divide conv1's width 96",
+        ),
+        (
+            {"model.width_divisor": 32, "model.groups": 2},
+            "config.model.width_divisor=32 with config.model.groups=2: groups=2 does not "
+            "divide conv2's 3 input channels",
+        ),
+        (
+            {"model.name": "vgg11", "model.width_divisor": 3},
+            "config.model.width_divisor=3: must divide every VGG block's width",
+        ),
         ({"dataset": "image_folder", "data_dir": ""}, "config.data_dir is empty"),
         ({"dataset": "image_folder", "data_dir": "/nonexistent/x"}, "is not a directory"),
     ],
