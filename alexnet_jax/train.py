@@ -67,6 +67,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- the state: restored, fine-tuned from another run, or new --------------------------------
     model = steps.create_model(config, dataset.num_classes)
     learning_rate_fn = optim.create_learning_rate_fn(config, steps_per_epoch)
+    # The rate an evaluation records, as one program (op by op, a schedule's few scalar
+    # operations compile one program each).
+    rate_at = jax.jit(lambda step, plateau: learning_rate_fn(step) * plateau["scale"])
     rng = jax.random.PRNGKey(config.seed)  # a raw uint32 key: checkpoints store it as is
     manager = checkpointing.create_manager(workdir, config)
     # A resumed run restores into the state's shapes; only a new one initializes.
@@ -137,7 +140,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
                 result = tally.summary()
                 eval_seconds = time.perf_counter() - eval_start
-                lr = float(learning_rate_fn(done) * state.plateau["scale"])
+                lr = float(rate_at(done, state.plateau))
                 last_eval = dict(step=done, epoch=epoch, split="eval", lr=lr,
                                  img_per_s=dataset.eval_size / eval_seconds, **result)  # fmt: skip
                 writer.write(last_eval)
