@@ -15,7 +15,7 @@ from PIL import Image
 from alexnet_jax import convert, data, evaluate, model, plots, run_files, steps, train
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.metrics import read_metrics
-from tests.test_train import small_config
+from tests.test_train import NARROW, small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,10 @@ def test_checkpoint_choice_and_errors(digits_run, tmp_path):
         run_files.restore_state(config, digits_run, "newest")
     other = run_files.load_run_config(digits_run)
     other.num_classes = 5
-    with pytest.raises(ValueError, match=r"fc8/kernel: checkpoint \(4096, 10\), model \(4096, 5\)"):
+    fc7 = 4096 // NARROW
+    with pytest.raises(
+        ValueError, match=rf"fc8/kernel: checkpoint \({fc7}, 10\), model \({fc7}, 5\)"
+    ):
         run_files.restore_state(other, digits_run, "latest")
     other = run_files.load_run_config(digits_run)
     other.model.groups = 2
@@ -78,12 +81,13 @@ def test_checkpoint_choice_and_errors(digits_run, tmp_path):
 @pytest.fixture(scope="module")
 def trained_digits(tmp_path_factory):
     """Two epochs on the digits (about 0.9 held-out top-1): a checkpoint that knows digits.
+    The network narrowed as the loop's tests narrow it (``NARROW``).
     Trained by main.py on one CPU device (2.5x faster here than on 4 forced devices)."""
     workdir = str(tmp_path_factory.mktemp("trained_digits"))
     command = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
                "--config.batch_size=32", "--config.num_train_steps=90",
                "--config.eval_every_epochs=100", "--config.checkpoint_every_steps=1000",
-               "--config.progress_bar=False"]  # fmt: skip
+               "--config.progress_bar=False", f"--config.model.width_divisor={NARROW}"]  # fmt: skip
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -258,7 +262,7 @@ def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
     tuned = train.init_from(state, config)
     for layer in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
         chex.assert_trees_all_equal(tuned.params[layer], source[layer])
-    chex.assert_shape(tuned.params["fc8"]["kernel"], (4096, 2))
+    chex.assert_shape(tuned.params["fc8"]["kernel"], (4096 // NARROW, 2))
     chex.assert_trees_all_equal(tuned.params["fc8"], state.params["fc8"])  # fresh head
     wrong = small_config(dataset="image_folder", data_dir=str(root), num_classes=3, batch_size=8)
     with pytest.raises(ValueError, match=r"num_classes=3 but 'image_folder' has 2 classes"):
@@ -276,13 +280,14 @@ def test_fine_tuning_copies_every_layer_but_a_new_head(digits_run, tmp_path):
         with open(os.path.join(tuned_dir, f"per_class_accuracy_{tag}.csv")) as f:
             assert [row["name"] for row in csv.DictReader(f)] == ["cat", "dog"]
 
-    config.model.variant = "torchvision"  # another architecture: 64 conv1 filters
+    config.model.variant = "torchvision"  # another architecture: 64 conv1 filters, not 96
     state = steps.create_train_state(
         jax.random.PRNGKey(1), config, steps.create_model(config, 2), (67, 67, 1)
     )
     with pytest.raises(
         ValueError,
-        match=r"'conv1' of .* does not fit .*kernel \(11, 11, 1, 96\) there, \(11, 11, 1, 64\)",
+        match=rf"'conv1' of .* does not fit .*kernel \(11, 11, 1, {96 // NARROW}\) there, "
+        rf"\(11, 11, 1, {64 // NARROW}\)",
     ):
         train.init_from(state, config)
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from alexnet_jax import figures, neighbors, run_files, train
 from alexnet_jax.data.digits import load_digits, split_digits
-from tests.test_train import small_config
+from tests.test_train import NARROW, small_config
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,9 @@ def test_tensorboard_gets_the_kernels_and_the_confusion_matrix_at_each_evaluatio
     assert {"eval/first_layer_kernels", "eval/confusion_matrix"} <= set(images)
     kernels = images["eval/first_layer_kernels"]
     assert [step for step, _ in kernels] == [4, 8]
-    grid = figures.kernel_grid(np.zeros((11, 11, 1, 96)) + np.arange(96))
-    assert (kernels[0][1].height, kernels[0][1].width) == grid.shape[:2]  # 12 x 8 kernels
+    filters = 96 // NARROW  # the run's conv1
+    grid = figures.kernel_grid(np.zeros((11, 11, 1, filters)) + np.arange(filters))
+    assert (kernels[0][1].height, kernels[0][1].width) == grid.shape[:2]  # 2 rows of 12
     step, confusion = images["eval/confusion_matrix"][-1]
     assert (confusion.height, confusion.width) == (260, 260)  # 10 classes, 26-pixel cells
     decoded = tf.io.decode_png(confusion.encoded_image_string).numpy()

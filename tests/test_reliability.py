@@ -19,7 +19,15 @@ from alexnet_jax import checkpointing, data, evaluate, metrics, normalization, r
 from alexnet_jax.data import image_folder, images
 from alexnet_jax.errors import CheckpointError, ConfigError, DataError
 from alexnet_jax.files import atomic_write
-from tests.test_train import ROOT, SMALL_FLAGS, error_text, free_port, new_state, small_config
+from tests.test_train import (
+    NARROW,
+    ROOT,
+    SMALL_FLAGS,
+    error_text,
+    free_port,
+    new_state,
+    small_config,
+)
 
 # --- preemption -------------------------------------------------------------------------------
 
@@ -73,6 +81,7 @@ def test_a_preempted_two_process_run_stops_at_one_step_saves_once_and_resumes(tm
     workdir = tmp_path / "run"
     flags = (
         *SMALL_FLAGS[:2],
+        f"--config.model.width_divisor={NARROW}",
         "--config.num_train_steps=100000",
         "--config.log_every_steps=1",
         "--config.checkpoint_every_steps=1000",
@@ -97,6 +106,7 @@ def test_a_preempted_two_process_run_stops_at_one_step_saves_once_and_resumes(tm
 
     more = (
         *SMALL_FLAGS[:2],
+        f"--config.model.width_divisor={NARROW}",
         f"--config.num_train_steps={stopped[0] + 2}",
         "--config.progress_bar=False",
     )
