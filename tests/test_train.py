@@ -27,10 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # The loop's tests train AlexNet with every width divided by 4 (1.4 M parameters, not 21.6 M
-# at 67x67): a checkpoint is 1/16 the size and a step several times faster, and what they
-# test (resume, preemption, devices, processes) does not depend on the width. The full network is
-# tested as a network in tests/test_model.py and trained end to end by the default run's
-# tests (tests/test_compilation_cache.py, tests/test_input_pipeline.py).
+# at 67x67): a checkpoint is 1/16 the size and a run about half as long, and what they test
+# (resume, preemption, devices, processes) does not depend on the width. The full network
+# is tested as a network in tests/test_model.py and trained end to end by
+# tests/test_compilation_cache.py, tests/test_input_pipeline.py and the fixed-batch test
+# below.
 NARROW = 4
 
 
