@@ -67,6 +67,15 @@ def _global_mesh() -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
 
 
+def _replicated_over_devices(x: Any) -> bool:
+    """An array with a copy on each of several devices, as the pmap-ed step returns it."""
+    return (
+        isinstance(x, jax.Array)
+        and x.sharding.is_fully_replicated
+        and len(x.sharding.device_set) > 1
+    )
+
+
 def _savable(state: Any) -> Any:
     """The state as Orbax can write it. One process: each array replicated over the devices
     as the copy on one of them (given the replicated array, Orbax splits its writing
@@ -76,14 +85,9 @@ def _savable(state: Any) -> Any:
     buffers (Orbax cannot write pmap's host-local arrays, and copying them to the host
     would block the asynchronous save on ~500 MB at ImageNet size)."""
     if jax.process_count() == 1:
-
-        def one_copy(x):
-            if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-                if x.sharding.is_fully_replicated:
-                    return x.addressable_data(0)
-            return x
-
-        return jax.tree_util.tree_map(one_copy, state)
+        return jax.tree_util.tree_map(
+            lambda x: x.addressable_data(0) if _replicated_over_devices(x) else x, state
+        )
     local = jax.sharding.NamedSharding(
         jax.sharding.Mesh(np.asarray(jax.local_devices()), ("local",)),
         jax.sharding.PartitionSpec(),
@@ -92,7 +96,7 @@ def _savable(state: Any) -> Any:
     def to_global(x):
         if not isinstance(x, jax.Array) or not x.is_fully_addressable:
             return x  # a host value, or already global (restored and not stepped since)
-        if not (x.sharding.is_fully_replicated and len(x.sharding.device_set) > 1):
+        if not _replicated_over_devices(x):
             x = jax.device_put(x, local)  # e.g. a freshly created state on one device
         return ocp.utils.fully_replicated_host_local_array_to_global_array(x)
 
