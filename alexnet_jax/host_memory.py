@@ -35,7 +35,10 @@ M_TOP_PAD = -2
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 TOP_PAD = 64 << 20  # grow the heap 64 MB at a time
-NEVER_TRIM = 2**31 - 1  # mallopt takes an int
+# mallopt(3): -1 "disables trimming completely". The largest positive int, 2**31 - 1, still
+# trims a free top of over 2 GiB: a step with more temporaries than that (the paper network's
+# bfloat16 train step at batch 32, larger batches) gave it all back and faulted it in again.
+NEVER_TRIM = -1
 ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu")
 
 

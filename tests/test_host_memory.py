@@ -57,6 +57,43 @@ def test_reuse_stops_the_page_faults_of_every_call():
     assert reused and faults < pages // 10
 
 
+# A result larger than 2 GiB, dropped after each call: freed at the top of the heap, where
+# glibc gives memory back once the free top exceeds M_TRIM_THRESHOLD. Its largest positive
+# value (2**31 - 1, an int) is smaller than the free top of a step with over 2 GiB of
+# temporaries (the paper network's bfloat16 train step at batch 32, any step at larger
+# batches): every call then faulted the whole block in again. -1 disables trimming.
+LARGE = """
+import resource, sys
+from alexnet_jax import host_memory
+reused = host_memory.configure("reuse")
+import jax, jax.numpy as jnp
+f = jax.jit(lambda s: jnp.broadcast_to(s, (576, 2**20)) * 2.0)  # 2.25 GiB of float32
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = f(jnp.float32(1.5)).block_until_ready()
+    del y
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(reused, max(faults[3:]))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_reuse_keeps_blocks_larger_than_two_gib():
+    result = subprocess.run(
+        [sys.executable, "-c", LARGE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    reused, faults = result.stdout.split()
+    pages = 576 * 2**22 // os.sysconf("SC_PAGE_SIZE")
+    assert reused == "True" and int(faults) < pages // 100, (faults, pages)
+
+
 def test_modes_are_checked():
     with pytest.raises(ConfigError, match=r"config.host_memory='always': choose one of"):
         host_memory.configure("always")
