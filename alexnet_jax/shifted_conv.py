@@ -6,10 +6,14 @@ library kernel that uses the CPU's bfloat16 matrix instructions (AMX, AVX512-BF1
 times faster. ``conv2d`` writes a convolution as such products, forward and backward, without
 building patches:
 
-- The zero-padded image is flattened to rows, one per pixel (``(N * Hp * Wp, C)``). Kernel
+- The image is flattened to rows, one per pixel (``(N * Hp * Wp, C)``), with ``pad`` zero
+  pixels before each image row and ``pad`` zero rows before each image (``Hp = H + pad``,
+  ``Wp = W + pad``): a window that runs past a row's right edge (or an image's last row)
+  reads the zeros that begin the next row (or image), so one gap pads both sides and the
+  products cover about 12 % fewer rows than a fully padded image's (conv2-conv5). Kernel
   position ``(i, j)`` reads the row ``i * Wp + j`` further on, so the convolution is a sum of
-  row-shifted products. Rows whose window runs off the image's right edge compute garbage
-  that is cropped away.
+  row-shifted products. Rows whose window starts in a gap compute garbage that is cropped
+  away.
 - The kernel's ``kw`` columns go into the contraction: the rows ``t .. t + kw - 1`` side by
   side are one row of ``(N * Hp * Wp / kw, kw * C)`` when ``t`` steps by ``kw``, which is a
   reshape of a contiguous slice (no copy of overlapping windows). ``kw`` such products, one
@@ -215,11 +219,17 @@ def _space_to_depth(x, kernel, strides, padding):
 
 
 def _geometry(shape, kernel_shape, pad):
-    """Padded height and width, the number of pixel rows, the output rows per phase and the
-    product rows per phase (enough for the furthest kernel row's shift)."""
+    """Height and width of one image's block of pixel rows, the number of pixel rows, the
+    output rows per phase and the product rows per phase (enough for the furthest kernel
+    row's shift).
+
+    Each image row starts with ``pad[1]`` zero pixels and each image with ``pad[0]`` zero rows
+    (``_rows``): a window that runs past a row's right edge reads the next row's leading zeros,
+    one past the image's last row the next image's (or the final zeros), so one gap serves as
+    both neighbours' padding and the products skip the other side's."""
     n, height, width, _ = shape
     kh, kw = kernel_shape[:2]
-    hp, wp = height + 2 * pad[0], width + 2 * pad[1]
+    hp, wp = height + pad[0], width + pad[1]
     rows = n * hp * wp
     out_per_phase = -(-rows // kw)
     per_phase = out_per_phase + (kw - 1 + (kh - 1) * wp) // kw + 1
@@ -227,8 +237,9 @@ def _geometry(shape, kernel_shape, pad):
 
 
 def _rows(x_bits, pad, total):
-    """The zero-padded image as (total, C) pixel rows: the image's, then zeros."""
-    x_bits = jnp.pad(x_bits, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+    """The image as (total, C) pixel rows, zeros before each row and each image (see
+    ``_geometry``), then zeros."""
+    x_bits = jnp.pad(x_bits, ((0, 0), (pad[0], 0), (pad[1], 0), (0, 0)))
     flat = x_bits.reshape(-1, x_bits.shape[-1])
     return jnp.pad(flat, ((0, total - flat.shape[0]), (0, 0)))
 
@@ -257,7 +268,8 @@ def _forward(x, kernel, pad):
             total = total + lax.slice(phases[phase], *block)
         outs.append(_bits(total.astype(x.dtype)))
     out = jnp.stack(outs, axis=1).reshape(kw * out_per_phase, features)[:rows]
-    out = out.reshape(n, hp, wp, features)[:, : hp - kh + 1, : wp - kw + 1]
+    out_h, out_w = x.shape[1] + 2 * pad[0] - kh + 1, x.shape[2] + 2 * pad[1] - kw + 1
+    out = out.reshape(n, hp, wp, features)[:, :out_h, :out_w]
     return _bf16(out)
 
 

@@ -97,6 +97,41 @@ def test_on_the_cpu_bfloat16_lowers_to_products_and_float32_to_a_convolution():
     assert "convolution(" in _compiled_text(train, x, kernel)
 
 
+def _product_rows(fn, *args):
+    """Rows of every bfloat16 product (``dot_general`` on bfloat16 operands) in ``fn``."""
+    rows = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general" and eqn.invars[0].aval.dtype == BF16:
+                (contract, _), _ = eqn.params["dimension_numbers"]
+                if contract == (1,):  # (rows, contraction) @ (contraction, columns)
+                    rows.append(eqn.invars[0].aval.shape[0])
+            for value in eqn.params.values():  # the custom VJP's and any other inner jaxpr
+                for item in value if isinstance(value, (tuple, list)) else (value,):
+                    inner = getattr(item, "jaxpr", None)
+                    if inner is not None:
+                        visit(getattr(inner, "jaxpr", inner))
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return rows
+
+
+@pytest.mark.parametrize("size, k, pad", [(27, 5, 2), (13, 3, 1)])  # conv2; conv3-conv5
+def test_products_skip_the_second_side_of_the_padding(size, k, pad):
+    # Each gap of zeros pads the row (image) before it and the one after it, so the forward
+    # products cover (H + pad)(W + pad) pixel rows per image, plus the furthest kernel
+    # row's shift once: not (H + 2 pad)(W + 2 pad).
+    n = 4
+    x = jnp.zeros((n, size, size, 8), BF16)
+    kernel = jnp.zeros((k, k, 8, 8), BF16)
+    rows = _product_rows(lambda x, w: shifted_conv._shifted(x, w, (pad, pad)), x, kernel)
+    assert len(rows) == k  # one product per phase
+    covered = sum(rows)
+    assert covered <= n * (size + pad) ** 2 + k * (size + pad) + 2 * k
+    assert covered < n * (size + 2 * pad) ** 2
+
+
 def test_other_platforms_keep_xla_convolution():
     """Lowered for a GPU (no GPU needed to lower), the same function is one convolution
     forward and backward, no products: cuDNN's path is untouched."""
