@@ -12,8 +12,8 @@ building patches:
   reads the zeros that begin the next row (or image), so one gap pads both sides and the
   products cover about 12 % fewer rows than a fully padded image's (conv2-conv5). Kernel
   position ``(i, j)`` reads the row ``i * Wp + j`` further on, so the convolution is a sum of
-  row-shifted products. Rows whose window starts in a gap compute garbage that is cropped
-  away.
+  row-shifted products. Rows whose window runs on past the gap into the next row (or
+  image) compute garbage that is cropped away.
 - The kernel's ``kw`` columns go into the contraction: the rows ``t .. t + kw - 1`` side by
   side are one row of ``(N * Hp * Wp / kw, kw * C)`` when ``t`` steps by ``kw``, which is a
   reshape of a contiguous slice (no copy of overlapping windows). ``kw`` such products, one
