@@ -175,10 +175,10 @@ def matmul_peak(
     variants = {"jax": {}}
     if platform_name == "cpu":
         variants["jax_steps_options"] = dict(steps.CPU_COMPILER_OPTIONS)
+    product = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
     for name in precisions:
         x = jax.device_put(jnp.ones((size, size), jnp.float32 if name == "fp32" else jnp.bfloat16),
                            device)  # fmt: skip
-        product = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
         for label, options in variants.items():
             f = jax.jit(product, compiler_options=options or None)
             jax.block_until_ready(f(x, x))
