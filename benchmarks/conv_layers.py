@@ -1,4 +1,4 @@
-"""Times each AlexNet convolution alone, forward and forward+backward, three ways.
+"""Times each AlexNet convolution alone, forward and backward, three ways.
 
     python benchmarks/conv_layers.py [--variant paper|torchvision] [--batch 32]
         [--precision auto|bf16|fp32] [--repeats 5] [--layers conv1,...,conv5]
@@ -18,7 +18,9 @@ on reference kernels and XLA:CPU's bf16 products on emulated arithmetic.
 
 Each layer at its place in the network (the input shape the previous layers give a 227² or
 224² image), the compile options of the train step. conv1's backward is its kernel gradient
-alone, as in training (the image needs no gradient); the others' are both gradients. The
+alone, as in training (the image needs no gradient); the others' are both gradients. A
+backward is timed without its forward: XLA drops the primal output the gradients do not
+read, and PyTorch's runner backpropagates one kept graph again (``retain_graph``). The
 runners alternate within each repeat; each figure is the median, in milliseconds. With
 ``--json`` the last line is the table as JSON.
 """
@@ -130,17 +132,15 @@ def torch_runners(layer, batch, precision):
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
             return torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad)
 
+    # The forward's graph is kept and backpropagated again on each call, so the backward is
+    # timed alone, as ours is (XLA drops the primal output nobody reads).
     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-        shape = torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad).shape
-    g = torch.randn(shape).to(memory_format=torch.channels_last)
-    if bf16:
-        g = g.to(torch.bfloat16)
+        y = torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad)
+    g = torch.randn(y.shape, dtype=y.dtype).to(memory_format=torch.channels_last)
+    inputs = (x, weight) if x.requires_grad else (weight,)
 
     def backward():
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            y = torch.nn.functional.conv2d(x, weight, stride=stride, padding=pad)
-        inputs = (x, weight) if x.requires_grad else (weight,)
-        return torch.autograd.grad(y, inputs, g)
+        return torch.autograd.grad(y, inputs, g, retain_graph=True)
 
     return {"torch forward": forward, "torch backward": backward}
 

@@ -430,6 +430,38 @@ def test_the_conv_layer_benchmark_times_bf16_only_where_it_is_native():
             assert conv_layers.resolve_precision(asked, native_bf16=native) == asked
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_conv_layer_benchmark_times_pytorch_backward_without_its_forward(
+    precision, monkeypatch
+):
+    # Ours is timed without the forward (XLA drops the primal output nobody reads), so
+    # PyTorch's backward must be too: the same gradients, again and again, and no conv2d.
+    import conv_layers
+
+    layers = {"conv1": ("conv1", (19, 19, 3), (11, 11, 3, 4), 4, 2),
+              "conv3": ("conv3", (5, 5, 8), (3, 3, 8, 16), 1, 1)}  # fmt: skip
+    calls, conv2d = [], torch.nn.functional.conv2d
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return conv2d(*args, **kwargs)
+
+    for name, layer in layers.items():
+        runners = conv_layers.torch_runners(layer, 2, precision)  # runs the forward once
+        calls.clear()
+        monkeypatch.setattr(torch.nn.functional, "conv2d", counted)
+        first, second = runners["torch backward"](), runners["torch backward"]()
+        assert calls == [], name
+        runners["torch forward"]()
+        assert calls == [1], name
+        monkeypatch.undo()
+        # conv1's image needs no gradient (as in training); the others' both gradients.
+        assert len(first) == (1 if name == "conv1" else 2)
+        assert first[-1].shape == (layer[2][3], layer[2][2], layer[2][0], layer[2][1])
+        for a, b in zip(first, second, strict=True):
+            assert torch.equal(a, b) and bool(a.abs().sum() > 0)
+
+
 @pytest.mark.slow
 def test_the_conv_layer_benchmark_runs_and_ends_with_json():
     import json
