@@ -149,7 +149,12 @@ def evaluate_checkpoint(
                 )
             normalize = normalization.make_normalizer(run.input, mean_image)
             p_eval_step = steps.make_eval_step(run, normalize)
-            tally = evaluate_batches(p_eval_step, state, dataset.eval_batches(), run.num_classes)
+            tally = evaluate_batches(
+                p_eval_step,
+                steps.inference_state(state, run),
+                dataset.eval_batches(),
+                run.num_classes,
+            )
             crops = run.input.eval_crops
             record = {"step": step, "split": "eval_checkpoint", "crops": crops,
                       "count": tally.count, **tally.summary()}  # fmt: skip

@@ -136,7 +136,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _check_finite(state, last_checkpoint)
                 eval_start = time.perf_counter()
                 tally = evaluate_batches(
-                    p_eval_step, state, dataset.eval_batches(), dataset.num_classes
+                    p_eval_step,
+                    steps.inference_state(state, config),
+                    dataset.eval_batches(),
+                    dataset.num_classes,
                 )
                 result = tally.summary()
                 eval_seconds = time.perf_counter() - eval_start

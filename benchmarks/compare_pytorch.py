@@ -227,18 +227,23 @@ def jax_runner(
     eval_batch = jax.device_put(
         {"image": images, "label": labels, "mask": np.ones((1, batch), np.float32)}, sharding
     )
-    holder = {"state": state}
+    # The evaluation reads the state as main.py's does: its parameters cast once per trained
+    # state (``steps.inference_state``; main.py casts once per evaluation pass).
+    holder = {"state": state, "inference": None}
 
     def train_steps(n: int):
         metrics = None
         for _ in range(n):
             holder["state"], metrics = p_train(holder["state"], train_batch)
+        holder["inference"] = None
         return jax.block_until_ready((holder["state"].params, metrics))[1]
 
     def eval_steps(n: int):
+        if holder["inference"] is None:
+            holder["inference"] = steps.inference_state(holder["state"], config)
         out = None
         for _ in range(n):
-            out = p_eval(holder["state"], eval_batch)
+            out = p_eval(holder["inference"], eval_batch)
         return jax.block_until_ready(out)
 
     return train_steps, eval_steps

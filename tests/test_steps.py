@@ -80,6 +80,41 @@ def test_cpu_steps_hand_many_rowed_dense_products_to_ynnpack_and_few_rowed_ones_
         )
 
 
+@pytest.mark.parametrize(
+    "model_overrides,size",
+    [({"model.groups": 2}, 67), ({"model.name": "vgg11"}, 32)],  # LRN, towers; flax's layers
+)  # fmt: skip
+def test_half_precision_evaluation_casts_the_parameters_once_with_the_same_outputs(
+    model_overrides, size
+):
+    """``steps.inference_state``: under ``half_precision`` the parameters come cast to
+    bfloat16 (the optimizer state and the rest untouched), and the evaluation step gives the
+    same outputs, bit for bit, as from the float32 parameters it would cast per batch."""
+    config = small_config(half_precision=True, image_size=size, **model_overrides)
+    model = steps.create_model(config, config.num_classes)
+    state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (size, size, 1))
+    cast = steps.inference_state(state, config)
+    for leaf in jax.tree_util.tree_leaves(cast.params):
+        assert leaf.dtype == jnp.bfloat16
+    chex.assert_trees_all_equal_shapes(cast.params, state.params)
+    assert cast.opt_state is state.opt_state and cast.step is state.step
+    for leaf in jax.tree_util.tree_leaves(state.params):
+        assert leaf.dtype == jnp.float32  # the train state's own are left as they were
+    normalize = normalization.make_normalizer(config.input)
+    p_eval = steps.make_eval_step(config, normalize, devices=jax.devices("cpu")[:1])
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 256, (1, 8, size, size, 1), dtype=np.uint8),
+        "label": rng.integers(0, config.num_classes, (1, 8)).astype(np.int32),
+        "mask": np.ones((1, 8), np.float32),
+    }
+    chex.assert_trees_all_equal(
+        jax.device_get(p_eval(cast, batch)), jax.device_get(p_eval(state, batch))
+    )
+    fp32 = small_config(image_size=size, **model_overrides)
+    assert steps.inference_state(state, fp32) is state
+
+
 @pytest.mark.slow
 def test_plateau_schedule_in_a_real_run_reduces_the_rate_and_resumes_reduced(tmp_path):
     """A learning rate too small to change anything: top-1 stays put, so the second evaluation
