@@ -128,6 +128,7 @@ def evaluate_checkpoint(
     """Top-1/top-5 of a checkpoint with the center crop and (where the source has crops) the
     10 crops; writes per-class CSVs, confusion-matrix PNGs and ``metrics.jsonl`` records."""
     state, step = restore_state(config, workdir, which)
+    state = steps.inference_state(state, config)  # once for both passes
     names = class_names(workdir, config.num_classes)
     passes = [_with_crops(config, 1)]
     if passes[0][1].has_crops:
@@ -149,12 +150,7 @@ def evaluate_checkpoint(
                 )
             normalize = normalization.make_normalizer(run.input, mean_image)
             p_eval_step = steps.make_eval_step(run, normalize)
-            tally = evaluate_batches(
-                p_eval_step,
-                steps.inference_state(state, run),
-                dataset.eval_batches(),
-                run.num_classes,
-            )
+            tally = evaluate_batches(p_eval_step, state, dataset.eval_batches(), run.num_classes)
             crops = run.input.eval_crops
             record = {"step": step, "split": "eval_checkpoint", "crops": crops,
                       "count": tally.count, **tally.summary()}  # fmt: skip
