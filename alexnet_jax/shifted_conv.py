@@ -207,15 +207,35 @@ def _space_to_depth(x, kernel, strides, padding):
     out_w = (width + 2 * padding[1][0] - kw) // sw + 1
     bh, bw = -(-kh // sh), -(-kw // sw)  # the kernel in blocks
     rows, cols = (out_h - 1 + bh) * sh, (out_w - 1 + bw) * sw  # the image the blocks cover
-    x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-    x = x[:, :rows, :cols]
-    x = jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2]), (0, 0)))
-    x = x.reshape(n, rows // sh, sh, cols // sw, sw, channels)
-    x = jnp.transpose(x, (0, 1, 3, 2, 4, 5)).reshape(n, rows // sh, cols // sw, -1)
+    bits = jnp.pad(_bits(x), ((0, 0), padding[0], padding[1], (0, 0)))
+    bits = bits[:, :rows, :cols]
+    bits = jnp.pad(bits, ((0, 0), (0, rows - bits.shape[1]), (0, cols - bits.shape[2]), (0, 0)))
     k = jnp.pad(kernel, ((0, bh * sh - kh), (0, bw * sw - kw), (0, 0), (0, 0)))
     k = k.reshape(bh, sh, bw, sw, -1, features)
     k = jnp.transpose(k, (0, 2, 1, 3, 4, 5)).reshape(bh, bw, -1, features)
-    return _shifted(x, k, (0, 0))
+    return _shifted(_bf16(_blocks(bits, sh, sw)), k, (0, 0))
+
+
+def _blocks(bits, sh, sw):
+    """``(N, H, W, C)`` pixels (bits) as ``(N, H / sh, W / sw, sh * sw * C)``: each ``sh x sw``
+    block's pixels side by side, row by row (the order of the kernel's blocks).
+
+    A block's row (``sw * C`` values) is contiguous in the image and in the result, so when it
+    has an even length the rearrangement moves 32-bit words: XLA:CPU copies a transpose
+    element by element, and for conv1 (3 channels) 16-bit elements took 3-4x as long as a
+    transpose of the words (2.6-3.6 against 11-12 ms at batch 32, ``benchmarks/README.md``)."""
+    n, height, width, channels = bits.shape
+    unit = sw * channels
+    if unit % 2:
+        blocks = bits.reshape(n, height // sh, sh, width // sw, unit)
+    else:
+        pairs = bits.reshape(n, height, width * channels // 2, 2)
+        blocks = lax.bitcast_convert_type(pairs, jnp.uint32)
+        blocks = blocks.reshape(n, height // sh, sh, width // sw, unit // 2)
+    blocks = jnp.transpose(blocks, (0, 1, 3, 2, 4))
+    if not unit % 2:
+        blocks = lax.bitcast_convert_type(blocks, jnp.uint16)  # each word's two halves, in order
+    return blocks.reshape(n, height // sh, width // sw, sh * unit)
 
 
 def _geometry(shape, kernel_shape, pad):
