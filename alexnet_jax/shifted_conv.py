@@ -222,8 +222,9 @@ def _blocks(bits, sh, sw):
 
     A block's row (``sw * C`` values) is contiguous in the image and in the result, so when it
     has an even length the rearrangement moves 32-bit words: XLA:CPU copies a transpose
-    element by element, and for conv1 (3 channels) 16-bit elements took 3-4x as long as a
-    transpose of the words (2.6-3.6 against 11-12 ms at batch 32, ``benchmarks/README.md``)."""
+    element by element, and for conv1 (3 channels, batch 32) 16-bit elements took 4.4-5.5 ms
+    against 2.6-3.6 for the words (11-12 ms when the image was padded as bfloat16, widened to
+    float32; ``benchmarks/README.md``)."""
     n, height, width, channels = bits.shape
     unit = sw * channels
     if unit % 2:
