@@ -227,14 +227,12 @@ def _blocks(bits, sh, sw):
     float32; ``benchmarks/README.md``)."""
     n, height, width, channels = bits.shape
     unit = sw * channels
-    if unit % 2:
-        blocks = bits.reshape(n, height // sh, sh, width // sw, unit)
-    else:
-        pairs = bits.reshape(n, height, width * channels // 2, 2)
-        blocks = lax.bitcast_convert_type(pairs, jnp.uint32)
-        blocks = blocks.reshape(n, height // sh, sh, width // sw, unit // 2)
+    words = unit % 2 == 0
+    if words:
+        bits = lax.bitcast_convert_type(bits.reshape(n, height, -1, 2), jnp.uint32)
+    blocks = bits.reshape(n, height // sh, sh, width // sw, unit // 2 if words else unit)
     blocks = jnp.transpose(blocks, (0, 1, 3, 2, 4))
-    if not unit % 2:
+    if words:
         blocks = lax.bitcast_convert_type(blocks, jnp.uint16)  # each word's two halves, in order
     return blocks.reshape(n, height // sh, width // sw, sh * unit)
 
