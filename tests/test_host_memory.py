@@ -35,8 +35,8 @@ print(reused, min(faults[4:]))
 
 
 def faults_per_call(mode: str, script: str = FAULTS) -> tuple[bool, int]:
-    """Runs ``script`` (FAULTS or LARGE) with ``mode`` in a fresh process: whether memory was
-    kept, and the page faults it printed."""
+    """Runs ``script`` with ``mode`` in a fresh process: whether memory was kept, and the
+    count it printed (FAULTS: page faults of a call; LARGE: calls that faulted)."""
     result = subprocess.run(
         [sys.executable, "-c", script, mode],
         cwd=ROOT,
@@ -64,27 +64,34 @@ def test_reuse_stops_the_page_faults_of_every_call():
 # value (2**31 - 1, an int) is smaller than the free top of a step with over 2 GiB of
 # temporaries (the paper network's bfloat16 train step at batch 32, any step at larger
 # batches): every call then faulted the whole block in again. -1 disables trimming.
+# The runtime frees a dropped result on its own threads, so now and then the next call's
+# block is placed before the last one is freed and the heap grows once more (a call that
+# faults every page with either setting; in 14 runs of 10 calls, at most 2 of the last 7
+# such calls with trimming off, against 4-7 with the old threshold in 4 runs). The pause
+# after each call lets the free land first; the test counts the calls that fault.
 LARGE = """
-import resource, sys
+import resource, sys, time
 from alexnet_jax import host_memory
 reused = host_memory.configure(sys.argv[1])
 import jax, jax.numpy as jnp
 f = jax.jit(lambda s: jnp.broadcast_to(s, (576, 2**20)) * 2.0)  # 2.25 GiB of float32
-faults = []
-for _ in range(6):
+pages = 576 * 2**22 // resource.getpagesize()
+faulting = 0
+for call in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = f(jnp.float32(1.5)).block_until_ready()
     del y
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(reused, max(faults[3:]))
+    time.sleep(0.3)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    faulting += call >= 3 and faults > pages // 100
+print(reused, faulting)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_reuse_keeps_blocks_larger_than_two_gib():
-    reused, faults = faults_per_call("reuse", LARGE)
-    pages = 576 * 2**22 // os.sysconf("SC_PAGE_SIZE")
-    assert reused and faults < pages // 100, (faults, pages)
+    reused, faulting_calls = faults_per_call("reuse", LARGE)
+    assert reused and faulting_calls <= 2, f"{faulting_calls} of the last 7 calls faulted"
 
 
 def test_modes_are_checked():
