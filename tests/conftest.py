@@ -8,8 +8,11 @@ TensorFlow, TFDS) must run.
 
 The cache is an environment variable, so the ``main.py`` processes the tests start share it:
 the same small train and eval steps compile once instead of once per run (the suite's
-slowest tests train, stop and resume the same config several times). A cache the caller
-already set (``JAX_COMPILATION_CACHE_DIR``) is used as it is.
+slowest tests train, stop and resume the same config several times). So do pytest-xdist's
+workers (``-n`` in ``pyproject.toml``): pytest imports this file in the controlling process
+before it starts them, and they inherit its environment (only the controller, which made
+the folder, removes it). A cache the caller already set (``JAX_COMPILATION_CACHE_DIR``) is
+used as it is.
 """
 
 import os
