@@ -31,6 +31,8 @@ WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints and metrics go (default runs/<config name>)."
 )
 USAGE_EXIT = 2
+# The project's folder: its configs/ holds the default config, wherever main.py is run from.
+PROJECT = os.path.dirname(os.path.abspath(__file__))
 
 
 def usage_error(message: str) -> None:
@@ -40,7 +42,7 @@ def usage_error(message: str) -> None:
 
 try:  # ml_collections applies --config.* overrides to the default file here, at definition
     config_flags.DEFINE_config_file(
-        "config", "configs/default.py", "A config file.", lock_config=True
+        "config", os.path.join(PROJECT, "configs", "default.py"), "A config file.", lock_config=True
     )
 except (AttributeError, KeyError) as error:
     fields = [a.split("=")[0] for a in sys.argv[1:] if a.startswith("--config.")]
@@ -58,6 +60,17 @@ NEIGHBORS_POOL = flags.DEFINE_integer(
 )
 
 
+def _project_hint() -> str:
+    """Where a relative --config path that is missing here exists in the project's folder."""
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if os.path.isabs(path) or os.path.exists(path):
+        return ""
+    there = os.path.join(PROJECT, path)
+    if not os.path.exists(there):
+        return ""
+    return f" (relative to the current folder, {os.getcwd()}; the project's is {there})"
+
+
 def main(argv):
     images = list(IMAGES.value)
     if len(argv) > 1:
@@ -69,7 +82,7 @@ def main(argv):
         config.get("distributed")  # a file that failed to load raises here, not when parsed
     except OSError as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        usage_error(f"cannot load the --config file: {lines[-1]}")
+        usage_error(f"cannot load the --config file: {lines[-1]}{_project_hint()}")
     reused = host_memory.configure(config.host_memory)  # before JAX starts its threads
     cache = compilation_cache.configure(config.compilation_cache)  # before any compilation
     distributed.initialize(config.distributed)  # before anything touches the devices

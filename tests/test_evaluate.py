@@ -82,15 +82,18 @@ def test_checkpoint_choice_and_errors(digits_run, tmp_path):
 def trained_digits(tmp_path_factory):
     """Two epochs on the digits (about 0.9 held-out top-1): a checkpoint that knows digits.
     The network narrowed as the loop's tests narrow it (``NARROW``).
-    Trained by main.py on one CPU device (2.5x faster here than on 4 forced devices)."""
+    Trained by main.py on one CPU device (2.5x faster here than on 4 forced devices), run
+    from another folder as a user may: the default config is the project's, not the cwd's."""
     workdir = str(tmp_path_factory.mktemp("trained_digits"))
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
     command = [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}",
                "--config.batch_size=32", "--config.num_train_steps=90",
                "--config.eval_every_epochs=100", "--config.checkpoint_every_steps=1000",
                "--config.progress_bar=False", f"--config.model.width_divisor={NARROW}"]  # fmt: skip
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert not os.listdir(elsewhere)  # everything went to the workdir
     return workdir
 
 

@@ -294,6 +294,17 @@ def test_errors_a_user_can_fix_are_one_line_with_a_status(short_run, tmp_path):
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
 
 
+def test_a_config_path_missing_here_names_the_projects_file(tmp_path):
+    command = [sys.executable, os.path.join(ROOT, "main.py"), "--config", "configs/imagenet.py"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, error_text(result.stderr)
+    assert "No such file or directory: 'configs/imagenet.py' (relative to the current folder" in (
+        result.stderr
+    )
+    assert os.path.join(ROOT, "configs", "imagenet.py") in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --- inputs users really have -----------------------------------------------------------------
 
 
