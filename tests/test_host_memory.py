@@ -65,10 +65,10 @@ def test_reuse_stops_the_page_faults_of_every_call():
 # temporaries (the paper network's bfloat16 train step at batch 32, any step at larger
 # batches): every call then faulted the whole block in again. -1 disables trimming.
 # The runtime frees a dropped result on its own threads, so now and then the next call's
-# block is placed before the last one is freed and the heap grows once more (a call that
-# faults every page with either setting; in 14 runs of 10 calls, at most 2 of the last 7
-# such calls with trimming off, against 4-7 with the old threshold in 4 runs). The pause
-# after each call lets the free land first; the test counts the calls that fault.
+# block is placed before the last one is freed and the heap grows once more: that call
+# faults every page with either setting. The pause after each call lets the free land
+# first, and the test counts the calls that fault: in 14 runs of 10 calls, at most 2 of the
+# last 7 with trimming off, against 4-7 of them with the old threshold (4 runs).
 LARGE = """
 import resource, sys, time
 from alexnet_jax import host_memory
@@ -83,7 +83,8 @@ for call in range(10):
     del y
     time.sleep(0.3)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    faulting += call >= 3 and faults > pages // 100
+    if call >= 3 and faults > pages // 100:
+        faulting += 1
 print(reused, faulting)
 """
 
