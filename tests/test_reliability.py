@@ -259,9 +259,9 @@ def test_eval_overrides_apply_on_the_runs_config_and_fixed_fields_are_refused(sh
     assert run_files.eval_config(short_run, {"model.variant": "paper"}).model.variant == "paper"
 
 
-def run_main(*flags):
+def run_main(*flags, cwd=ROOT):
     command = [sys.executable, os.path.join(ROOT, "main.py"), *flags]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow
@@ -295,8 +295,7 @@ def test_errors_a_user_can_fix_are_one_line_with_a_status(short_run, tmp_path):
 
 
 def test_a_config_path_missing_here_names_the_projects_file(tmp_path):
-    command = [sys.executable, os.path.join(ROOT, "main.py"), "--config", "configs/imagenet.py"]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = run_main("--config", "configs/imagenet.py", cwd=tmp_path)
     assert result.returncode == 2, error_text(result.stderr)
     assert "No such file or directory: 'configs/imagenet.py' (relative to the current folder" in (
         result.stderr
