@@ -27,7 +27,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from alexnet_jax.errors import CheckpointError
+from alexnet_jax.errors import CheckpointError, reason
 
 DAMAGED_SUFFIX = ".damaged"
 
@@ -121,8 +121,7 @@ def restore(manager: ocp.CheckpointManager, state: Any, step: int) -> Any:
         return manager.restore(step, args=ocp.args.StandardRestore(_abstract(state)))
     except Exception as error:  # noqa: BLE001 - Orbax and TensorStore raise many types
         raise CheckpointError(
-            f"The checkpoint at step {step} in {manager.directory} cannot be read "
-            f"({type(error).__name__}: {str(error).strip()[:300]})"
+            f"The checkpoint at step {step} in {manager.directory} cannot be read ({reason(error)})"
         ) from error
 
 

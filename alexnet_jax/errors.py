@@ -40,6 +40,24 @@ class MissingCheckpointError(CheckpointError, FileNotFoundError):
     """No checkpoint where one is needed (none at all, or not at the step asked for)."""
 
 
+def reason(error: BaseException, limit: int = 300) -> str:
+    """``error`` in one line for a message: the innermost exception it was raised from (the
+    most specific: Orbax's "cannot read array" wraps TensorStore's "error reading
+    params.fc7.kernel ... at local file ..."), whitespace collapsed, a TensorStore spec
+    dump cut off, at most ``limit`` characters."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    for inner in reversed(chain):
+        text = " ".join(str(inner).split("See full TensorStore details")[0].split())
+        if text:
+            text = text if len(text) <= limit else text[: limit - 3] + "..."
+            return f"{type(inner).__name__}: {text}"
+    return type(chain[0]).__name__
+
+
 def one_line_errors(main: Callable[[], Any]) -> Any:
     """Runs a command's ``main``; a ``UserError`` prints as ``error: <message>`` and exits
     with its ``exit_code``, instead of a traceback."""

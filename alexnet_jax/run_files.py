@@ -23,7 +23,13 @@ from flax import traverse_util
 from alexnet_jax import checkpointing
 from alexnet_jax.config_checks import validate_config
 from alexnet_jax.defaults import config_from_dict, config_to_json
-from alexnet_jax.errors import CheckpointError, ConfigError, DataError, MissingCheckpointError
+from alexnet_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    MissingCheckpointError,
+    reason,
+)
 from alexnet_jax.files import atomic_write
 from alexnet_jax.metrics import read_metrics
 from alexnet_jax.model import describe
@@ -168,7 +174,9 @@ def _saved_params_metadata(manager, step: int) -> Any:
     try:
         metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path))
     except (FileNotFoundError, OSError, ValueError) as error:
-        raise CheckpointError(f"{path!r} is not a readable Orbax checkpoint: {error}") from error
+        raise CheckpointError(
+            f"{path!r} is not a readable Orbax checkpoint: {reason(error)}"
+        ) from error
     tree = getattr(metadata, "tree", metadata)
     if not isinstance(tree, dict) or "params" not in tree:
         raise CheckpointError(f"{path!r} is not an alexnet_jax checkpoint: it saves no 'params'")

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from PIL import Image
 
 from alexnet_jax import checkpointing, data, evaluate, metrics, normalization, run_files, train
 from alexnet_jax.data import image_folder, images
-from alexnet_jax.errors import CheckpointError, ConfigError, DataError
+from alexnet_jax.errors import CheckpointError, ConfigError, DataError, reason
 from alexnet_jax.files import atomic_write
 from tests.test_train import (
     NARROW,
@@ -231,6 +232,40 @@ def test_training_resumes_from_the_newest_readable_checkpoint(tmp_path, caplog):
         damage(tmp_path / "checkpoints" / str(step))
     with pytest.raises(CheckpointError, match="None of the checkpoints .* can be read"):
         train.train_and_evaluate(small_config(num_train_steps=8), workdir)
+
+
+def test_a_torn_array_file_is_named_in_one_line(short_run, tmp_path):
+    """A data file cut short (the checkpoint's metadata whole): the error names the array and
+    the file TensorStore could not read, in one line, not Orbax's dump of the store's spec."""
+    workdir = tmp_path / "run"
+    shutil.copytree(short_run, workdir)
+    data_files = [
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(workdir / "checkpoints" / "2")
+        for name in names
+        if os.sep + "d" + os.sep in os.path.join(folder, name)
+    ]
+    largest = max(data_files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(CheckpointError) as caught:
+        run_files.params_from_workdir(str(workdir), "latest")
+    message = str(caught.value)
+    assert message.startswith("The checkpoint at step 2 in ") and "cannot be read" in message
+    assert "params." in message and str(workdir) in message, message  # the array, the folder
+    assert "\n" not in message and "TensorStore(" not in message and len(message) < 600
+
+
+def test_reason_is_the_innermost_errors_first_words():
+    try:
+        try:
+            raise ValueError("OUT_OF_RANGE: error reading\n  'params.fc6.kernel'")
+        except ValueError as inner:
+            raise RuntimeError("cannot read array. See full TensorStore details: {...}") from inner
+    except RuntimeError as outer:
+        assert reason(outer) == "ValueError: OUT_OF_RANGE: error reading 'params.fc6.kernel'"
+    assert reason(KeyError()) == "KeyError"
+    assert reason(OSError("x" * 500), limit=20) == "OSError: " + "x" * 17 + "..."
 
 
 # --- flags and messages -----------------------------------------------------------------------
