@@ -256,7 +256,7 @@ def test_a_torn_array_file_is_named_in_one_line(short_run, tmp_path):
     assert "\n" not in message and "TensorStore(" not in message and len(message) < 600
 
 
-def test_reason_is_the_innermost_errors_first_words():
+def test_reason_is_the_innermost_error_in_one_line():
     try:
         try:
             raise ValueError("OUT_OF_RANGE: error reading\n  'params.fc6.kernel'")
