@@ -52,7 +52,9 @@ CHECKPOINT = flags.DEFINE_string(
     "checkpoint", "best", "eval/predict: best (by eval top-1), latest, or a step number."
 )
 IMAGES = flags.DEFINE_list(
-    "images", [], "predict, neighbors: image files (comma- or space-separated)."
+    "images",
+    [],
+    "predict, neighbors: image files (comma- or space-separated); for predict also folders.",
 )
 NEIGHBORS = flags.DEFINE_integer("neighbors", 6, "neighbors: training images per query.")
 NEIGHBORS_POOL = flags.DEFINE_integer(
@@ -126,10 +128,11 @@ def main(argv):
                 print(f"  {found['distance']:10.3f}  {found['name']}")
         print(os.path.join(workdir, "neighbors.png"))
         return
-    for result in evaluate.predict_files(config, workdir, images, CHECKPOINT.value):
+    for result in evaluate.iter_predictions(config, workdir, images, CHECKPOINT.value):
         print(result["path"])
         for name, probability in result["top"]:
             print(f"  {probability:7.2%}  {name}")
+        sys.stdout.flush()  # each batch's results as they come
 
 
 def run(argv):

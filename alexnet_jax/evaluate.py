@@ -31,6 +31,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from alexnet_jax import data, normalization, steps
+from alexnet_jax.data.image_folder import IMAGE_EXTENSIONS
 from alexnet_jax.errors import DataError
 from alexnet_jax.metrics import MetricsWriter
 from alexnet_jax.run_files import class_names, restore_state
@@ -218,6 +219,29 @@ def plot_confusion(path: str, confusion: np.ndarray, names: Sequence[str], recor
 # --- prediction on image files -----------------------------------------------------------------
 
 
+def image_paths(paths: Sequence[str]) -> list[str]:
+    """The files to predict: each path as given, a folder replaced by its JPEG and PNG files
+    (``image_folder.IMAGE_EXTENSIONS``, sorted; not its subfolders). A folder with none is a
+    ``DataError`` naming it."""
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = sorted(
+            os.path.join(path, name)
+            for name in os.listdir(path)
+            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name))
+        )
+        if not found:
+            raise DataError(
+                f"Folder {path!r} holds no image files ({', '.join(IMAGE_EXTENSIONS)}); "
+                "name other files one by one"
+            )
+        files += found
+    return files
+
+
 def predict_files(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -225,11 +249,31 @@ def predict_files(
     which: str | int = "best",
     top_k: int = 5,
 ) -> list[dict[str, Any]]:
-    """Each file's ``top_k`` classes with probabilities: ``[{"path", "top": [(name, p)]}]``."""
+    """Each file's ``top_k`` classes with probabilities: ``[{"path", "step", "top": [(name,
+    p)]}]`` (``iter_predictions``, all at once)."""
+    return list(iter_predictions(config, workdir, paths, which, top_k))
+
+
+def iter_predictions(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    paths: Sequence[str],
+    which: str | int = "best",
+    top_k: int = 5,
+) -> Iterator[dict[str, Any]]:
+    """Each file's ``top_k`` classes with probabilities, ``{"path", "step", "top": [(name,
+    p)]}``, in the order given, folders expanded (``image_paths``).
+
+    Files are read and classified ``config.eval_batch_size`` at a time (the last batch
+    padded, so one program serves them all): memory stays that of one batch however many
+    files there are, and the first results come before the last files are read. The first
+    batch is read before the checkpoint, so a bad file there fails fast; an unreadable file
+    is a ``DataError`` naming it."""
+    paths = image_paths(paths)
     if not paths:
-        raise DataError("No images given: --images a.jpg b.png ...")
-    # All read before any compute, as the evaluation pipeline reads them.
-    images = np.stack([data.load_image(path, config) for path in paths])
+        raise DataError("No images given: --images a.jpg b.png ... (or a folder of them)")
+    size = min(config.eval_batch_size, len(paths))
+    images = np.stack([data.load_image(path, config) for path in paths[:size]])
     state, step = restore_state(config, workdir, which)
     names = class_names(workdir, config.num_classes)
     mean_image = None
@@ -242,11 +286,16 @@ def predict_files(
         functools.partial(steps.predict_probabilities, normalize=normalize),
         compiler_options=steps.compiler_options(config) or None,
     )
-    probs = np.asarray(probabilities(state, jnp.asarray(images)))
     k = min(top_k, config.num_classes)
-    results = []
-    for path, p in zip(paths, probs, strict=True):
-        order = np.argsort(-p)[:k]
-        results.append({"path": path, "step": step,
-                        "top": [(names[c], float(p[c])) for c in order]})  # fmt: skip
-    return results
+    for start in range(0, len(paths), size):
+        chunk = paths[start : start + size]
+        if start:
+            images = np.stack([data.load_image(path, config) for path in chunk])
+        if len(chunk) < size:  # the last batch, padded with blank images
+            images = np.concatenate([images, np.zeros((size - len(chunk),) + images.shape[1:],
+                                                      images.dtype)])  # fmt: skip
+        probs = np.asarray(probabilities(state, jnp.asarray(images)))
+        for path, p in zip(chunk, probs[: len(chunk)], strict=True):
+            order = np.argsort(-p)[:k]
+            yield {"path": path, "step": step,
+                   "top": [(names[c], float(p[c])) for c in order]}  # fmt: skip

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from alexnet_jax import convert, data, evaluate, model, plots, run_files, steps, train
-from alexnet_jax.errors import ConfigError
+from alexnet_jax.errors import ConfigError, DataError
 from alexnet_jax.metrics import read_metrics
 from tests.test_train import NARROW, small_config
 
@@ -142,6 +142,41 @@ def test_predict_mode_prints_top5_with_class_names_and_names_bad_files(digits_ru
     assert [name for name, _ in direct[0]["top"]] == [line.split()[-1] for line in lines[1:]]
     with pytest.raises(ValueError, match="Cannot read image .*broken.jpg"):
         evaluate.predict_files(config, digits_run, [str(tmp_path / "broken.jpg")])
+
+
+@pytest.mark.slow
+def test_predict_takes_folders_and_classifies_in_batches_as_in_one(digits_run, tmp_path):
+    """Seven files at eval_batch_size=3 (batches of 3, 3 and a padded 1) get the
+    probabilities they get in one batch of seven; a folder stands for its JPEG and PNG files,
+    sorted, and nothing else in it."""
+    from sklearn.datasets import load_digits
+
+    folder = tmp_path / "photos"
+    (folder / "inner").mkdir(parents=True)
+    digits = load_digits()
+    for i in range(7):
+        pixels = np.round(digits.images[i] * 255 / 16).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{6 - i}.{'png' if i % 2 else 'JPG'}")
+    (folder / "notes.txt").write_text("not an image")
+    Image.fromarray(pixels).save(folder / "inner" / "deeper.png")  # subfolders are not read
+    expected = sorted(str(folder / f"{i}.{'JPG' if i % 2 == 0 else 'png'}") for i in range(7))
+    assert evaluate.image_paths([str(folder)]) == expected
+    assert evaluate.image_paths(["a.jpg", str(folder)]) == ["a.jpg"] + expected
+
+    config = run_files.load_run_config(digits_run)
+    config.eval_batch_size = 7
+    whole = evaluate.predict_files(config, digits_run, expected, "latest")
+    config.eval_batch_size = 3
+    batched = list(evaluate.iter_predictions(config, digits_run, [str(folder)], "latest"))
+    assert [r["path"] for r in batched] == expected
+    for one, other in zip(whole, batched, strict=True):
+        assert [name for name, _ in one["top"]] == [name for name, _ in other["top"]]
+        np.testing.assert_allclose(
+            [p for _, p in one["top"]], [p for _, p in other["top"]], rtol=1e-5, atol=1e-6
+        )
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="Folder .*empty' holds no image files"):
+        evaluate.predict_files(config, digits_run, [str(tmp_path / "empty")])
 
 
 # --- torchvision weights -----------------------------------------------------------------------
