@@ -1,7 +1,8 @@
 """Orbax checkpoints under ``WORKDIR/checkpoints``, and a clean stop on preemption.
 
 Kept: the latest ``config.max_to_keep`` checkpoints, and the ``config.keep_best`` best by
-evaluation top-1. Saving is asynchronous; a checkpoint is complete only once Orbax has
+evaluation top-1 (saved with each evaluated checkpoint, so that a resumed run still knows
+them). Saving is asynchronous; a checkpoint is complete only once Orbax has
 renamed it into place, so a run killed while writing leaves the previous one intact. A
 checkpoint that was completed but cannot be read back (a damaged disk, a torn copy) is set
 aside (``checkpoints/<step>.damaged``) and the run resumes from the newest one that reads.
@@ -14,6 +15,8 @@ they are.
 
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
 import os
 import signal
 import threading
@@ -32,12 +35,16 @@ from alexnet_jax.errors import CheckpointError, reason
 DAMAGED_SUFFIX = ".damaged"
 
 
+def _top1(metrics: dict) -> float:
+    return metrics["top1"]
+
+
 def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
     policies = [preservation.LatestN(config.max_to_keep)]
     if config.keep_best > 0:
         policies.append(
             preservation.BestN(
-                get_metric_fn=lambda metrics: metrics["top1"],
+                get_metric_fn=_top1,
                 reverse=False,
                 n=config.keep_best,
                 keep_checkpoints_without_metrics=False,
@@ -45,6 +52,11 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
         )
     options = ocp.CheckpointManagerOptions(
         preservation_policy=preservation.AnyPreservationPolicy(policies),
+        # Orbax writes a checkpoint's metrics to disk (and reads them back when a resumed run
+        # opens the folder) only when best_fn is set; without them, BestN would forget the
+        # best checkpoint at every resume and delete it.
+        best_fn=_top1 if config.keep_best > 0 else None,
+        best_mode="max",
         enable_async_checkpointing=config.async_checkpointing,
         create=True,
         cleanup_tmp_directories=True,
@@ -60,7 +72,24 @@ def save(
     """Saves ``state`` at ``step`` (asynchronously); ``metrics`` (with ``top1``) ranks it."""
     if step in manager.all_steps():
         return
-    manager.save(step, args=ocp.args.StandardSave(_savable(state)), metrics=metrics, force=True)
+    with _untracked_saves_quiet():
+        manager.save(step, args=ocp.args.StandardSave(_savable(state)), metrics=metrics, force=True)
+
+
+@contextlib.contextmanager
+def _untracked_saves_quiet():
+    """Orbax warns at every save without metrics once ``best_fn`` is set; here checkpoints
+    between evaluations are saved without them by design."""
+
+    def keep(record: std_logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Requested `tracked_metric`")
+
+    logger = std_logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _global_mesh() -> jax.sharding.Mesh:

@@ -13,16 +13,25 @@ from alexnet_jax import checkpointing, normalization, optim, steps
 from configs import default
 
 
-def test_keeps_the_latest_and_the_best_by_top1(tmp_path):
+def test_keeps_the_latest_and_the_best_by_top1_across_a_resume(tmp_path, caplog):
+    """The best checkpoint (step 2) outlives a resume: a new manager, as a resumed run opens,
+    reads each checkpoint's top-1 back from disk (Orbax writes metrics only with best_fn)."""
     config = default.get_config()
     config.max_to_keep, config.keep_best, config.async_checkpointing = 2, 1, False
     manager = checkpointing.create_manager(str(tmp_path), config)
     state = {"w": jnp.arange(3.0)}
-    for step, top1 in [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, None), (6, 0.65)]:
+    saves = [(1, 0.5), (2, 0.9), (3, 0.6), (4, 0.7), (5, None), (6, 0.65)]
+    for step, top1 in saves:
+        if step == 4:  # the run stops here and resumes
+            manager.close()
+            manager = checkpointing.create_manager(str(tmp_path), config)
+            assert manager.metrics(2) == {"top1": 0.9}
         metrics = None if top1 is None else {"top1": top1}
-        checkpointing.save(manager, step, {"w": state["w"] + step}, metrics)
+        with caplog.at_level(logging.WARNING):
+            checkpointing.save(manager, step, {"w": state["w"] + step}, metrics)
     manager.wait_until_finished()
     assert manager.all_steps() == [2, 5, 6]  # best (0.9) and the latest two
+    assert "tracked_metric" not in caplog.text  # saves between evaluations carry no metrics
     restored = checkpointing.restore(manager, state, 2)
     chex.assert_trees_all_equal(restored, {"w": jnp.arange(3.0) + 2})
     manager.close()
