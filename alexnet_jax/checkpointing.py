@@ -54,8 +54,8 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
         preservation_policy=preservation.AnyPreservationPolicy(policies),
         # Orbax writes a checkpoint's metrics to disk (and reads them back when a resumed run
         # opens the folder) only when best_fn is set; without them, BestN would forget the
-        # best checkpoint at every resume and delete it.
-        best_fn=_top1 if config.keep_best > 0 else None,
+        # best checkpoint at every resume and delete it. (Retention is the policy's alone.)
+        best_fn=_top1,
         best_mode="max",
         enable_async_checkpointing=config.async_checkpointing,
         create=True,
@@ -67,11 +67,20 @@ def create_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.Check
 
 
 def save(
-    manager: ocp.CheckpointManager, step: int, state: Any, metrics: dict | None = None
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    metrics: dict | None = None,
+    replace: bool = False,
 ) -> None:
-    """Saves ``state`` at ``step`` (asynchronously); ``metrics`` (with ``top1``) ranks it."""
+    """Saves ``state`` at ``step`` (asynchronously); ``metrics`` (with ``top1``) ranks it. A
+    checkpoint already at ``step`` stays, unless ``replace``: then it is deleted first (a
+    run killed in between resumes from the checkpoint before)."""
     if step in manager.all_steps():
-        return
+        if not replace:
+            return
+        manager.wait_until_finished()
+        manager.delete(step)
     with _untracked_saves_quiet():
         manager.save(step, args=ocp.args.StandardSave(_savable(state)), metrics=metrics, force=True)
 
@@ -226,6 +235,11 @@ class StopRequest:
                 self._synced = False
         if not self._synced and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def requested(self) -> bool:
+        """Whether a SIGTERM has come, asked at any moment (in an evaluation pass, say). One
+        process only: with several, only ``should_stop`` knows, at a step all of them reach."""
+        return not self._synced and self._event.is_set()
 
     def _handle(self, signum, frame) -> None:
         logging.warning("SIGTERM received: saving a checkpoint and stopping.")

@@ -104,12 +104,20 @@ class Tally:
 
 
 def evaluate_batches(
-    p_eval_step: Callable, state: steps.TrainState, batches: Iterator, num_classes: int
-) -> Tally:
+    p_eval_step: Callable,
+    state: steps.TrainState,
+    batches: Iterator,
+    num_classes: int,
+    interrupted: Callable[[], bool] | None = None,
+) -> Tally | None:
     """One pass of ``p_eval_step`` (``steps.make_eval_step``) over ``batches``, counted over
-    every process. A pass that counts no example at all is a ``DataError``."""
+    every process. A pass that counts no example at all is a ``DataError``. ``interrupted``
+    (single-process: ``StopRequest.requested``), asked before each batch, abandons the pass
+    when it says so: the result is then None."""
     tally = Tally(num_classes)
     for batch in batches:
+        if interrupted is not None and interrupted():
+            return None
         tally.add(p_eval_step(state, batch))
     tally = tally.all_processes()
     if tally.count == 0:  # a top-1 of 0.0 would drive the schedule and the best checkpoint

@@ -8,6 +8,7 @@ another run's weights with ``config.init_from``), then trains, logs, evaluates
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -26,10 +27,14 @@ from alexnet_jax.data.dataset import steps_per_epoch as count_steps_per_epoch
 from alexnet_jax.errors import ConfigError, UserError
 from alexnet_jax.evaluate import evaluate_batches
 from alexnet_jax.figures import confusion_image, grid_columns, kernel_grid
+from alexnet_jax.files import atomic_write
 from alexnet_jax.metrics import MetricsWriter
 from alexnet_jax.model import first_layer, head_layer
 from alexnet_jax.run_files import params_from_workdir, transfer_params, write_run_files
 from alexnet_jax.steps import TrainState
+
+# The step whose evaluation a SIGTERM cut short, in the workdir until a rerun has evaluated it.
+PENDING_EVALUATION = "eval_pending.json"
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -101,13 +106,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- the loop -------------------------------------------------------------------------------
     writer = MetricsWriter(workdir)
     stop = checkpointing.StopRequest()
-    progress = _progress_bar(config, is_main, start_step, total_steps)
-    batches = prefetch_to_device(dataset.train_batches(start_step), config.input.prefetch)
-    profile = Profile(config.profile_steps, start_step, workdir)
-    window: list[dict[str, jax.Array]] = []
-    window_start = time.perf_counter()
+
+    def evaluate_and_save(state: TrainState, done: int, replace: bool = False):
+        """The evaluation at step ``done`` (and the plateau schedule), then a checkpoint ranked
+        by its top-1: ``(state, record)``, or None when a SIGTERM came during the pass."""
+        eval_start = time.perf_counter()
+        tally = evaluate_batches(
+            p_eval_step,
+            steps.inference_state(state, config),
+            dataset.eval_batches(),
+            dataset.num_classes,
+            interrupted=stop.requested,
+        )
+        if tally is None:
+            return None
+        result = tally.summary()
+        eval_seconds = time.perf_counter() - eval_start
+        lr = float(rate_at(done, state.plateau))
+        record = dict(step=done, epoch=done / steps_per_epoch, split="eval", lr=lr,
+                      img_per_s=dataset.eval_size / eval_seconds, **result)  # fmt: skip
+        writer.write(record)
+        writer.write_images(done, _eval_images(state, tally, config))
+        logging.info("eval at step %d (epoch %.2f): %s", done, done / steps_per_epoch,
+                     {k: round(v, 4) for k, v in result.items()})  # fmt: skip
+        if config.lr_schedule == "plateau":
+            state = state.replace(plateau=_plateau_after_eval(state, result["top1"], config))
+        checkpointing.save(manager, done, state, {"top1": result["top1"]}, replace=replace)
+        return state, record
+
+    def stopped_during_evaluation(state: TrainState, done: int) -> dict[str, Any]:
+        """A SIGTERM cut the evaluation at ``done`` short: the step's checkpoint is saved
+        without it, and the rerun evaluates it first (``PENDING_EVALUATION``, written before
+        the checkpoint: a rerun from an older checkpoint ignores it)."""
+        if is_main:
+            atomic_write(os.path.join(workdir, PENDING_EVALUATION), json.dumps({"step": done}))
+        checkpointing.save(manager, done, state)
+        manager.wait_until_finished()
+        logging.warning(
+            "Stopped by SIGTERM during the evaluation at step %d; checkpoint saved in %s (rerun "
+            "the same command to evaluate it and resume)",
+            done,
+            manager.directory,
+        )
+        return {"stopped_at_step": done}
+
     last_eval: dict[str, Any] = {}
+    progress = None
+    profile = Profile(config.profile_steps, start_step, workdir)
     try:
+        # (A checkpoint with metrics was evaluated after all: the rerun's own replacement.)
+        pending = _pending_evaluation(workdir)
+        if pending is not None and pending == restored_step and manager.metrics(pending) is None:
+            logging.info("Evaluating step %d first: a SIGTERM cut it short", restored_step)
+            evaluated = evaluate_and_save(state, restored_step, replace=True)
+            if evaluated is None:
+                return stopped_during_evaluation(state, restored_step)
+            state, last_eval = evaluated
+        if is_main and os.path.exists(os.path.join(workdir, PENDING_EVALUATION)):
+            os.remove(os.path.join(workdir, PENDING_EVALUATION))  # done, or for a newer step
+        progress = _progress_bar(config, is_main, start_step, total_steps)
+        batches = prefetch_to_device(dataset.train_batches(start_step), config.input.prefetch)
+        window: list[dict[str, jax.Array]] = []
+        window_start = time.perf_counter()
         for step in range(start_step, total_steps):
             profile.before(step)
             state, metrics = p_train_step(state, next(batches))
@@ -134,27 +194,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # Evaluation (and the plateau schedule), then a checkpoint ranked by its top-1.
             if done % eval_every == 0 or done == total_steps:
                 _check_finite(state, last_checkpoint)
-                eval_start = time.perf_counter()
-                tally = evaluate_batches(
-                    p_eval_step,
-                    steps.inference_state(state, config),
-                    dataset.eval_batches(),
-                    dataset.num_classes,
-                )
-                result = tally.summary()
-                eval_seconds = time.perf_counter() - eval_start
-                lr = float(rate_at(done, state.plateau))
-                last_eval = dict(step=done, epoch=epoch, split="eval", lr=lr,
-                                 img_per_s=dataset.eval_size / eval_seconds, **result)  # fmt: skip
-                writer.write(last_eval)
-                writer.write_images(done, _eval_images(state, tally, config))
-                logging.info("eval at step %d (epoch %.2f): %s", done, epoch,
-                             {k: round(v, 4) for k, v in result.items()})  # fmt: skip
-                if config.lr_schedule == "plateau":
-                    state = state.replace(
-                        plateau=_plateau_after_eval(state, result["top1"], config)
-                    )
-                checkpointing.save(manager, done, state, {"top1": result["top1"]})
+                evaluated = evaluate_and_save(state, done)
+                if evaluated is None:
+                    return {**stopped_during_evaluation(state, done), **last_eval}
+                state, last_eval = evaluated
                 last_checkpoint = done
             elif done % config.checkpoint_every_steps == 0 or done % steps_per_epoch == 0:
                 _check_finite(state, last_checkpoint)
@@ -268,6 +311,19 @@ def _eval_images(state: TrainState, tally, config: ml_collections.ConfigDict) ->
         "eval/first_layer_kernels": grid,
         "eval/confusion_matrix": confusion_image(tally.confusion),
     }
+
+
+def _pending_evaluation(workdir: str) -> int | None:
+    """The step whose evaluation a SIGTERM cut short (``PENDING_EVALUATION``), or None."""
+    path = os.path.join(workdir, PENDING_EVALUATION)
+    try:
+        with open(path) as f:
+            return int(json.load(f)["step"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logging.warning("Ignoring %s, which cannot be read: %s", path, error)
+        return None
 
 
 def _check_finite(state: TrainState, last_checkpoint: int | None) -> None:

@@ -1,10 +1,12 @@
 """Reliability: preemption across processes, damaged files, overrides, one-line errors, and
 the inputs users really have (16-bit PNGs, CMYK, huge images, trailing bytes, odd names)."""
 
+import dataclasses
 import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -141,8 +143,9 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, unin
     process.send_signal(signal.SIGTERM)
     (output,) = finish([(process, log, tmp_path / "log")])
     assert process.returncode == 0, error_text(output)
-    stopped = int(output.split("Stopped by SIGTERM after step ")[1].split(";")[0])
-    if stopped < 8:  # (on a fast machine the run may have finished first)
+    stopped = stopped_step(output)
+    # (On a fast machine the run may have finished first.)
+    if stopped < 8 or "during the evaluation" in output:
         result = subprocess.run(
             [sys.executable, os.path.join(ROOT, "main.py"), f"--workdir={workdir}", *SMALL_FLAGS],
             cwd=ROOT,
@@ -155,6 +158,72 @@ def test_sigterm_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, unin
     assert final["step"] == 8
     for key in ("loss", "top1", "top5"):
         assert final[key] == pytest.approx(reference[key], rel=1e-6, abs=1e-7), key
+
+
+def stopped_step(output):
+    """The step a SIGTERM stopped a run at, from its log: after a step, or during an
+    evaluation (then saved unevaluated)."""
+    found = re.search(r"Stopped by SIGTERM (?:after|during the evaluation at) step (\d+);", output)
+    assert found, error_text(output)
+    return int(found.group(1))
+
+
+@pytest.mark.slow
+def test_a_sigterm_during_an_evaluation_saves_at_once_and_the_rerun_evaluates_first(
+    tmp_path, monkeypatch, caplog
+):
+    """The signal comes after the first of the evaluation's batches at step 2: the run stops
+    without finishing the pass (a cluster's grace period may be shorter than an ImageNet
+    evaluation), with step 2 saved. The rerun evaluates step 2 first, ranks and updates its
+    checkpoint, and ends where a run never stopped ends: the same records, the same state."""
+    config = small_config(num_train_steps=4, eval_every_epochs=2 / 89, lr_schedule="plateau")
+    reference = tmp_path / "reference"
+    expected = train.train_and_evaluate(config, str(reference))
+
+    real_create_dataset = data.create_dataset
+    evaluations = []
+
+    def signalled_dataset(config):
+        dataset = real_create_dataset(config)
+
+        def eval_batches():
+            evaluations.append(1)
+            for i, batch in enumerate(dataset.eval_batches()):
+                if len(evaluations) == 1 and i == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+
+        return dataclasses.replace(dataset, eval_batches=eval_batches)
+
+    workdir = tmp_path / "run"
+    monkeypatch.setattr(data, "create_dataset", signalled_dataset)
+    with caplog.at_level(logging.INFO):
+        stopped = train.train_and_evaluate(config, str(workdir))
+    assert stopped == {"stopped_at_step": 2}
+    assert "Stopped by SIGTERM during the evaluation at step 2" in caplog.text
+    assert read_steps(workdir) == []  # the pass was abandoned: no record of it
+    assert json.loads((workdir / train.PENDING_EVALUATION).read_text()) == {"step": 2}
+    assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [2]
+
+    monkeypatch.setattr(data, "create_dataset", real_create_dataset)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        result = train.train_and_evaluate(config, str(workdir))
+    assert "Evaluating step 2 first" in caplog.text
+    assert not (workdir / train.PENDING_EVALUATION).exists()
+    assert read_steps(workdir) == read_steps(reference) == [2, 4]
+    for key in ("loss", "top1", "top5", "lr"):
+        assert result[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+    managers = [checkpointing.create_manager(str(w), config) for w in (workdir, reference)]
+    assert managers[0].all_steps() == managers[1].all_steps()
+    assert managers[0].metrics(2) == managers[1].metrics(2)  # step 2 ranked after all
+    template = new_state(config)
+    for step in managers[0].all_steps():
+        states = [checkpointing.restore(m, template, step) for m in managers]
+        chex.assert_trees_all_close(states[0].params, states[1].params, rtol=1e-6, atol=1e-7)
+        chex.assert_trees_all_equal(states[0].plateau, states[1].plateau)
+    for manager in managers:
+        manager.close()
 
 
 # --- damaged files ----------------------------------------------------------------------------
