@@ -5,13 +5,15 @@
 training loop's evaluations and ``--mode=eval`` both use it.
 
     python main.py --mode=eval --workdir W [--checkpoint=best|latest|STEP]
-    python main.py --mode=predict --workdir W --images a.jpg b.png
+    python main.py --mode=predict --workdir W --images a.jpg b.png photos/
 
 Both read the run's ``WORKDIR/config.json`` unless ``--config`` is given. Evaluation runs
 the center crop and, for sources whose images are larger than the crop (TFDS, image
 folders), the 10 crops (four corners, center and their mirrors, softmaxes averaged); it
 appends one ``metrics.jsonl`` record per pass (``"split": "eval_checkpoint"``) and writes
 ``per_class_accuracy_<crops>.csv`` and ``confusion_matrix_<crops>.png`` into the workdir.
+Prediction (``iter_predictions``) classifies files and folders of them an evaluation batch
+at a time.
 """
 
 from __future__ import annotations
