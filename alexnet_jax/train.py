@@ -106,6 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- the loop -------------------------------------------------------------------------------
     writer = MetricsWriter(workdir)
     stop = checkpointing.StopRequest()
+    pending_path = os.path.join(workdir, PENDING_EVALUATION)
 
     def evaluate_and_save(state: TrainState, done: int, replace: bool = False):
         """The evaluation at step ``done`` (and the plateau schedule), then a checkpoint ranked
@@ -123,11 +124,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         result = tally.summary()
         eval_seconds = time.perf_counter() - eval_start
         lr = float(rate_at(done, state.plateau))
-        record = dict(step=done, epoch=done / steps_per_epoch, split="eval", lr=lr,
+        epoch = done / steps_per_epoch
+        record = dict(step=done, epoch=epoch, split="eval", lr=lr,
                       img_per_s=dataset.eval_size / eval_seconds, **result)  # fmt: skip
         writer.write(record)
         writer.write_images(done, _eval_images(state, tally, config))
-        logging.info("eval at step %d (epoch %.2f): %s", done, done / steps_per_epoch,
+        logging.info("eval at step %d (epoch %.2f): %s", done, epoch,
                      {k: round(v, 4) for k, v in result.items()})  # fmt: skip
         if config.lr_schedule == "plateau":
             state = state.replace(plateau=_plateau_after_eval(state, result["top1"], config))
@@ -139,7 +141,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         without it, and the rerun evaluates it first (``PENDING_EVALUATION``, written before
         the checkpoint: a rerun from an older checkpoint ignores it)."""
         if is_main:
-            atomic_write(os.path.join(workdir, PENDING_EVALUATION), json.dumps({"step": done}))
+            atomic_write(pending_path, json.dumps({"step": done}))
         checkpointing.save(manager, done, state)
         manager.wait_until_finished()
         logging.warning(
@@ -155,15 +157,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     profile = Profile(config.profile_steps, start_step, workdir)
     try:
         # (A checkpoint with metrics was evaluated after all: the rerun's own replacement.)
-        pending = _pending_evaluation(workdir)
+        pending = _pending_evaluation(pending_path)
         if pending is not None and pending == restored_step and manager.metrics(pending) is None:
             logging.info("Evaluating step %d first: a SIGTERM cut it short", restored_step)
             evaluated = evaluate_and_save(state, restored_step, replace=True)
             if evaluated is None:
                 return stopped_during_evaluation(state, restored_step)
             state, last_eval = evaluated
-        if is_main and os.path.exists(os.path.join(workdir, PENDING_EVALUATION)):
-            os.remove(os.path.join(workdir, PENDING_EVALUATION))  # done, or for a newer step
+        if is_main and os.path.exists(pending_path):
+            os.remove(pending_path)  # done, or for a newer step
         progress = _progress_bar(config, is_main, start_step, total_steps)
         batches = prefetch_to_device(dataset.train_batches(start_step), config.input.prefetch)
         window: list[dict[str, jax.Array]] = []
@@ -313,9 +315,9 @@ def _eval_images(state: TrainState, tally, config: ml_collections.ConfigDict) ->
     }
 
 
-def _pending_evaluation(workdir: str) -> int | None:
-    """The step whose evaluation a SIGTERM cut short (``PENDING_EVALUATION``), or None."""
-    path = os.path.join(workdir, PENDING_EVALUATION)
+def _pending_evaluation(path: str) -> int | None:
+    """The step whose evaluation a SIGTERM cut short (the ``PENDING_EVALUATION`` file at
+    ``path``), or None."""
     try:
         with open(path) as f:
             return int(json.load(f)["step"])
