@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from alexnet_jax import compilation_cache, distributed, evaluate, host_memory, neighbors, train
 from alexnet_jax.errors import one_line_errors
-from alexnet_jax.run_files import eval_config
+from alexnet_jax.run_files import eval_config, given_config
 
 WORKDIR = flags.DEFINE_string(
     "workdir", None, "Where checkpoints and metrics go (default runs/<config name>)."
@@ -105,6 +105,8 @@ def main(argv):
     if not flags.FLAGS["config"].present:  # the run's own config, with the overrides given
         overrides = config_flags.get_override_values(flags.FLAGS["config"])
         config = eval_config(workdir, overrides)
+    else:  # the config given, its class count taken from the run if it left that to the data
+        config = given_config(config, workdir)
     if MODE.value == "eval":
         for record in evaluate.evaluate_checkpoint(config, workdir, CHECKPOINT.value):
             print(

@@ -99,22 +99,54 @@ def eval_config(workdir: str, overrides: dict[str, Any]) -> ml_collections.Confi
     return config
 
 
+def given_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """The config ``--mode=eval|predict|neighbors`` uses when ``--config`` is given: as given,
+    with a class count left to the data (``num_classes=0``, as ``configs/folder.py`` leaves it)
+    taken from the run: the count its ``config.json`` saved, or else the lines of its
+    ``class_names.txt``. A run with neither is a ``ConfigError``."""
+    if config.num_classes:
+        return config
+    try:
+        count = load_run_config(workdir).num_classes
+    except (MissingCheckpointError, DataError, ConfigError):
+        count = len(_saved_class_names(workdir) or [])
+    if not count:
+        raise ConfigError(
+            f"config.num_classes=0 leaves the class count to the data, and {workdir} keeps "
+            f"no readable {CONFIG_FILE} or {CLASS_NAMES_FILE} to take it from: pass "
+            "--config.num_classes with the count the checkpoint was trained for"
+        )
+    config = config.copy_and_resolve_references()
+    config.num_classes = count
+    return config
+
+
 def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
     for part in dotted.split("."):
         config = config[part]
     return config
 
 
+def _names_path(workdir: str) -> str:
+    return os.path.join(workdir, CLASS_NAMES_FILE)
+
+
+def _saved_class_names(workdir: str) -> list[str] | None:
+    """The lines of the run's ``class_names.txt``, or None without one."""
+    if not os.path.isfile(_names_path(workdir)):
+        return None
+    with open(_names_path(workdir), errors="replace") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def class_names(workdir: str, num_classes: int) -> list[str]:
     """The run's ``class_names.txt``, or "0".."n-1" when it is missing or does not fit."""
-    path = os.path.join(workdir, CLASS_NAMES_FILE)
-    if os.path.isfile(path):
-        with open(path, errors="replace") as f:
-            names = [line.strip() for line in f if line.strip()]
+    names = _saved_class_names(workdir)
+    if names is not None:
         if len(names) == num_classes:
             return names
-        logging.warning("%s lists %d names for %d classes; numbering them", path,
-                        len(names), num_classes)  # fmt: skip
+        logging.warning("%s lists %d names for %d classes; numbering them",
+                        _names_path(workdir), len(names), num_classes)  # fmt: skip
     return [str(i) for i in range(num_classes)]
 
 

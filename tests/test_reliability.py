@@ -363,6 +363,22 @@ def test_eval_overrides_apply_on_the_runs_config_and_fixed_fields_are_refused(sh
     assert run_files.eval_config(short_run, {"model.variant": "paper"}).model.variant == "paper"
 
 
+def test_a_given_config_leaving_the_class_count_to_the_data_takes_the_runs(short_run, tmp_path):
+    config = small_config()
+    assert run_files.given_config(config, short_run) is config  # a count given is kept
+    config.num_classes = 0  # as configs/folder.py leaves it
+    assert run_files.given_config(config, short_run).num_classes == 10  # config.json's
+    assert config.num_classes == 0  # the given config is not changed
+    names_only = tmp_path / "names_only"
+    names_only.mkdir()
+    (names_only / "class_names.txt").write_text("cat\ndog\nbird\n")
+    (names_only / "config.json").write_text("{torn")
+    assert run_files.given_config(config, str(names_only)).num_classes == 3
+    with pytest.raises(ConfigError, match="num_classes=0 .* keeps no readable config.json or "
+                       "class_names.txt .* pass --config.num_classes"):  # fmt: skip
+        run_files.given_config(config, str(tmp_path))
+
+
 def run_main(*flags, cwd=ROOT):
     command = [sys.executable, os.path.join(ROOT, "main.py"), *flags]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
