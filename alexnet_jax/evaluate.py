@@ -33,7 +33,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from alexnet_jax import data, normalization, steps
-from alexnet_jax.data.image_folder import IMAGE_EXTENSIONS
+from alexnet_jax.data.image_folder import IMAGE_EXTENSIONS, has_image_extension, is_hidden
 from alexnet_jax.errors import DataError
 from alexnet_jax.metrics import MetricsWriter
 from alexnet_jax.run_files import class_names, restore_state
@@ -230,9 +230,9 @@ def plot_confusion(path: str, confusion: np.ndarray, names: Sequence[str], recor
 
 
 def image_paths(paths: Sequence[str]) -> list[str]:
-    """The files to predict: each path as given, a folder replaced by its JPEG and PNG files
-    (``image_folder.IMAGE_EXTENSIONS``, sorted; not its subfolders). A folder with none is a
-    ``DataError`` naming it."""
+    """The files to predict: each path as given, a folder replaced by its image files
+    (``image_folder.IMAGE_EXTENSIONS``, hidden files left out, sorted; not its subfolders). A
+    folder with none is a ``DataError`` naming it."""
     files = []
     for path in paths:
         if not os.path.isdir(path):
@@ -241,7 +241,9 @@ def image_paths(paths: Sequence[str]) -> list[str]:
         found = sorted(
             os.path.join(path, name)
             for name in os.listdir(path)
-            if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name))
+            if has_image_extension(name)
+            and not is_hidden(name)
+            and os.path.isfile(os.path.join(path, name))
         )
         if not found:
             raise DataError(

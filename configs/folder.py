@@ -1,15 +1,17 @@
-"""Your own labeled photos: ``DATA/{train,val}/<class name>/*.jpg|png``.
+"""Your own labeled photos: ``DATA/{train,val}/<class name>/**/*.jpg|png|webp|gif|bmp``.
 
     python main.py --config configs/folder.py --config.data_dir=/data/photos
     # or from torchvision's ImageNet weights (python -m alexnet_jax.convert ... first):
     python main.py --config configs/folder.py:finetune --config.data_dir=/data/photos \
         --config.init_from=runs/torchvision
 
-The class count comes from the folder (``num_classes=0``). Images of any size: the central
-square is resized to 256/227 of the crop (``resize_size=0``), so the network sees most of
-each image however small it is; random crops and flips, PCA lighting. ``scratch`` (the
-default) trains the paper's network with He initialization (the paper's N(0, 0.01^2) needs
-tens of epochs to start learning); ``finetune`` starts from torchvision's weights in
+A class's images are the files in its folder and in the folders below it; hidden folders
+and files (``.ipynb_checkpoints``, ``._*``) are left out. The class count comes from the
+folder (``num_classes=0``). Images of any size: the central square is resized to 256/227
+of the crop (``resize_size=0``), so the network sees most of each image however small it
+is; random crops and flips, PCA lighting. ``scratch`` (the default) trains the paper's
+network with He initialization (the paper's N(0, 0.01^2) needs tens of epochs to start
+learning); ``finetune`` starts from torchvision's weights in
 ``init_from`` with their layout, 224 crops of 256, ImageNet's mean and std, and a 10x
 smaller learning rate. For folders of many thousands of images, prepare them once
 (``python -m alexnet_jax.data.prepare``) and train with ``--config.dataset=prepared``.

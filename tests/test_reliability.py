@@ -443,6 +443,10 @@ def odd_images(folder):
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, "JPEG", quality=90)
     (folder / "phone.jpg").write_bytes(buffer.getvalue() + b"\x00MotionPhoto" + bytes(5000))
+    Image.fromarray(rgb).save(folder / "palette.gif")
+    Image.fromarray(rgb[..., 1]).save(folder / "scan.bmp")
+    Image.fromarray(rgba).save(folder / "web.webp", quality=90)  # lossy with alpha: "VP8X"
+    Image.fromarray(rgb).save(folder / "LOSSLESS.WEBP", lossless=True)  # "VP8L"
     return sorted(os.listdir(folder))
 
 
@@ -539,6 +543,109 @@ def test_a_huge_image_is_refused_before_it_is_decoded_and_named(tmp_path):
     ).numpy().tolist() == [30, 50]
 
 
+def huge_headers(folder):
+    """GIF, BMP and WebP files (each kind of WebP header) whose headers claim more pixels than
+    ``images.MAX_PIXELS``: real small images with their size fields rewritten."""
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = np.zeros((30, 50, 3), np.uint8)
+    sizes = {}
+
+    def rewrite(name, offset, field, size, **save):
+        Image.fromarray(rgb if "alpha" not in name else np.dstack([rgb, rgb[..., :1]])).save(
+            folder / name, **save
+        )
+        data = bytearray((folder / name).read_bytes())
+        data[offset : offset + len(field)] = field
+        (folder / name).write_bytes(bytes(data))
+        sizes[name] = size
+
+    rewrite("huge.gif", 6, struct.pack("<HH", 20_000, 15_000), (15_000, 20_000))
+    rewrite("huge.bmp", 18, struct.pack("<ii", 12_000, -9_000), (9_000, 12_000))  # top-down
+    rewrite("huge.webp", 26, struct.pack("<HH", 16_000, 9_000), (9_000, 16_000))  # "VP8 "
+    bits = (16_000 - 1) | (9_000 - 1) << 14  # "VP8L": 14 bits each, alpha and version 0
+    rewrite("huge_lossless.webp", 21, struct.pack("<I", bits), (9_000, 16_000), lossless=True)
+    canvas = (20_000 - 1).to_bytes(3, "little") + (9_000 - 1).to_bytes(3, "little")
+    rewrite("huge_alpha.webp", 24, canvas, (9_000, 20_000), exif=b"Exif\0\0")  # "VP8X"
+    return sizes
+
+
+def test_every_image_format_is_sized_from_its_header_and_decoded_as_pillow_does(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    from alexnet_jax.data import preprocess
+
+    for name in odd_images(tmp_path / "odd"):
+        path = str(tmp_path / "odd" / name)
+        contents = tf.io.read_file(path)
+        with Image.open(path) as image:
+            assert preprocess.encoded_size(contents).numpy().tolist() == [60, 80], name
+            kind = image.format
+        assert image_folder.has_image_extension(name) and image_folder.looks_like_image(path)
+        for channels in (3, 1) if name != "print.jpg" else (3,):  # TF: no CMYK to grayscale
+            pixels = preprocess.decode_central_square(contents, channels).numpy()
+            reference = images.central_square(images.decode(path, channels))
+            chex.assert_shape(pixels, (60, 60, channels))
+            if kind != "JPEG":  # libjpeg's IDCT and upsampling differ between the decoders
+                error = np.abs(pixels.astype(int) - reference).max()
+                assert error <= (0 if channels == 3 else 1), (
+                    name,
+                    channels,
+                    error,
+                )  # luma rounding
+    webp = (tmp_path / "odd" / "web.webp").read_bytes()
+    assert (
+        webp[12:16] == b"VP8X"
+        and (tmp_path / "odd" / "LOSSLESS.WEBP").read_bytes()[12:16] == b"VP8L"
+    )
+
+    for name, size in huge_headers(tmp_path / "huge").items():
+        path = str(tmp_path / "huge" / name)
+        assert preprocess.encoded_size(tf.io.read_file(path)).numpy().tolist() == list(size), name
+        with pytest.raises(tf.errors.InvalidArgumentError, match="image larger than"):
+            preprocess.decode_central_square(tf.io.read_file(path), 3)
+        with pytest.raises(DataError, match=f"{name}.* over the 89,478,485-pixel limit"):
+            images.decode(path)
+    assert image_folder.looks_like_image(str(tmp_path / "huge" / "huge.webp"))
+    for short in (b"BM12", b"GIF89a", b"RIFF\0\0\0\0WEBPVP8 "):  # headers cut short
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            preprocess.decode_central_square(tf.constant(short), 3)
+
+
+def test_class_folders_are_read_as_torchvision_reads_them_with_hidden_entries_left_out(
+    tmp_path, caplog
+):
+    root = tmp_path / "photos"
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    for name in ("cat/a.JPG", "cat/2019/summer/b.jpeg", "cat/c.webp", "dog/d.png", "dog/e.gif"):
+        (root / "train" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(root / "train" / name, format=name.split(".")[-1].upper()
+                                     .replace("JPG", "JPEG"))  # fmt: skip
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # what Jupyter leaves beside a notebook
+    (root / "train" / "cat" / ".thumbnails").mkdir()
+    Image.fromarray(pixels).save(root / "train" / "cat" / ".thumbnails" / "a.jpg")
+    (root / "train" / "cat" / "._a.JPG").write_bytes(b"\0\5\26\7")  # macOS's AppleDouble file
+    (root / "train" / "dog" / "IMG_0001.HEIC").write_bytes(b"heic")
+    (root / "train" / "dog" / "notes.txt").write_text("the dog")
+    os.symlink(root / "train" / "cat", root / "train" / "cat" / "2019" / "again")  # a loop
+    with caplog.at_level(logging.WARNING):
+        files, labels, classes = image_folder.list_image_folder(str(root), "train")
+    assert classes == ["cat", "dog"]
+    assert [os.path.relpath(f, root / "train") for f in files] == [
+        "cat/2019/summer/b.jpeg", "cat/a.JPG", "cat/c.webp", "dog/d.png", "dog/e.gif"
+    ]  # fmt: skip
+    assert labels.tolist() == [0, 0, 0, 1, 1]
+    assert "left out 2 files without an image extension" in caplog.text
+    assert "1 .heic, 1 .txt" in caplog.text
+    assert evaluate.image_paths([str(root / "train" / "cat")]) == [
+        str(root / "train" / "cat" / "a.JPG"), str(root / "train" / "cat" / "c.webp")
+    ]  # fmt: skip
+    (root / "train" / "bird" / "2020").mkdir(parents=True)
+    (root / "train" / "bird" / "2020" / "list.csv").write_text("")
+    with pytest.raises(DataError, match="bird' holds no images .* in it or below it"):
+        image_folder.list_image_folder(str(root), "train")
+
+
 def test_files_with_bytes_after_their_end_are_accepted(tmp_path):
     names = odd_images(tmp_path)
     assert "phone.jpg" in names
@@ -586,14 +693,14 @@ def test_odd_file_names_and_bad_class_folders(tmp_path, monkeypatch):
     ):
         data.create_dataset(config)
 
-    real_listdir = os.listdir
+    real_scandir = os.scandir
 
     def denied(path):
         if str(path).endswith(os.path.join("train", "b")):
             raise PermissionError(13, "Permission denied", str(path))
-        return real_listdir(path)
+        return real_scandir(path)
 
-    monkeypatch.setattr(os, "listdir", denied)
+    monkeypatch.setattr(os, "scandir", denied)
     with pytest.raises(DataError, match="Cannot read class folder .*train/b.*Permission denied"):
         image_folder.list_image_folder(str(root), "train")
 

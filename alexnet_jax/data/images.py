@@ -1,5 +1,5 @@
-"""Image files without TensorFlow: decode any JPEG or PNG to uint8, take the central square
-and resize it, encode and decode JPEG records. Used to prepare records
+"""Image files without TensorFlow: decode any image Pillow reads to uint8, take the central
+square and resize it, encode and decode JPEG records. Used to prepare records
 (``alexnet_jax.data.prepare``) and to read them back (``alexnet_jax.data.records``).
 
 Decoding follows TensorFlow's ``decode_image`` (the tf.data path's): 16-bit images keep

@@ -28,28 +28,88 @@ def central_square_window(height: tf.Tensor, width: tf.Tensor) -> tf.Tensor:
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def _unsigned(contents: tf.Tensor, offset: int, length: int, big_endian: bool = False):
+    """The unsigned integer in ``length`` bytes of ``contents`` at ``offset`` (int64). A file
+    too short for it is an error, which the pipeline reports as a failed decode."""
+    raw = tf.io.decode_raw(tf.strings.substr(contents, offset, length), tf.uint8)
+    digits = tf.cast(tf.ensure_shape(raw, [length]), tf.int64)
+    weights = [256**i for i in range(length)]
+    return tf.reduce_sum(digits * tf.constant(weights[::-1] if big_endian else weights, tf.int64))
+
+
+def _starts_with(contents: tf.Tensor, offset: int, magic: bytes) -> tf.Tensor:
+    """Whether ``contents`` holds ``magic`` at ``offset`` (False when it is too short)."""
+    head = tf.strings.join([tf.strings.substr(contents, 0, offset + len(magic)), b"\0" * 16])
+    return tf.equal(tf.strings.substr(head, offset, len(magic)), magic)
+
+
+def is_webp(contents: tf.Tensor) -> tf.Tensor:
+    """Whether ``contents`` starts as a WebP file does (``RIFF``, 4 bytes, ``WEBP``)."""
+    return tf.logical_and(_starts_with(contents, 0, b"RIFF"), _starts_with(contents, 8, b"WEBP"))
+
+
 def encoded_size(contents: tf.Tensor) -> tf.Tensor:
-    """[height, width] of an encoded JPEG or PNG read from its header, without decoding it;
-    [0, 0] for other formats."""
+    """[height, width] of an encoded JPEG, PNG, GIF, BMP or WebP read from its header,
+    without decoding it; [0, 0] for other formats."""
 
     def png() -> tf.Tensor:  # IHDR: width, then height, 4 big-endian bytes each
-        header = tf.cast(tf.io.decode_raw(tf.strings.substr(contents, 16, 8), tf.uint8), tf.int64)
-        values = tf.reshape(header, [2, 4]) * tf.constant([2**24, 2**16, 2**8, 1], tf.int64)
-        width, height = tf.unstack(tf.reduce_sum(values, axis=1))
-        return tf.stack([height, width])
+        width = _unsigned(contents, 16, 4, big_endian=True)
+        return tf.stack([_unsigned(contents, 20, 4, big_endian=True), width])
 
     def jpeg() -> tf.Tensor:
         return tf.cast(tf.image.extract_jpeg_shape(contents)[:2], tf.int64)
 
-    is_png = tf.equal(tf.strings.substr(contents, 0, 8), PNG_SIGNATURE)
+    def gif() -> tf.Tensor:  # the logical screen: width, height, 2 little-endian bytes each
+        return tf.stack([_unsigned(contents, 8, 2), _unsigned(contents, 6, 2)])
+
+    def bmp() -> tf.Tensor:
+        def core() -> tf.Tensor:  # BITMAPCOREHEADER (12 bytes): 16-bit width and height
+            return tf.stack([_unsigned(contents, 20, 2), _unsigned(contents, 18, 2)])
+
+        def info() -> tf.Tensor:  # signed 32-bit; a negative height is a top-down image
+            signed = tf.stack([_unsigned(contents, 22, 4), _unsigned(contents, 18, 4)])
+            return tf.abs(tf.where(signed >= 2**31, signed - 2**32, signed))
+
+        return tf.cond(tf.equal(_unsigned(contents, 14, 4), 12), core, info)
+
+    def webp() -> tf.Tensor:  # RIFF....WEBP, then the first chunk's header
+        def lossy() -> tf.Tensor:  # "VP8 ": 14-bit width and height after the start code
+            return tf.bitwise.bitwise_and(
+                tf.stack([_unsigned(contents, 28, 2), _unsigned(contents, 26, 2)]), 0x3FFF
+            )
+
+        def lossless() -> tf.Tensor:  # "VP8L": 14 bits of width - 1, then of height - 1
+            bits = _unsigned(contents, 21, 4)
+            width = tf.bitwise.bitwise_and(bits, 0x3FFF) + 1
+            height = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 14), 0x3FFF) + 1
+            return tf.stack([height, width])
+
+        def extended() -> tf.Tensor:  # "VP8X": the canvas, 24 bits of width - 1, height - 1
+            return tf.stack([_unsigned(contents, 27, 3) + 1, _unsigned(contents, 24, 3) + 1])
+
+        chunk = tf.strings.substr(contents, 12, 4)
+        return tf.case(
+            [(tf.equal(chunk, b"VP8 "), lossy), (tf.equal(chunk, b"VP8L"), lossless)],
+            default=extended,
+        )
+
+    is_gif = tf.logical_or(
+        _starts_with(contents, 0, b"GIF87a"), _starts_with(contents, 0, b"GIF89a")
+    )
     return tf.case(
-        [(is_png, png), (tf.io.is_jpeg(contents), jpeg)],
+        [
+            (_starts_with(contents, 0, PNG_SIGNATURE), png),
+            (tf.io.is_jpeg(contents), jpeg),
+            (is_gif, gif),
+            (_starts_with(contents, 0, b"BM"), bmp),
+            (is_webp(contents), webp),
+        ],
         default=lambda: tf.zeros([2], tf.int64),
     )
 
 
 def decode_central_square(contents: tf.Tensor, channels: int) -> tf.Tensor:
-    """Decodes an encoded image (JPEG, PNG, GIF, BMP) and keeps its central square, uint8
+    """Decodes an encoded image (JPEG, PNG, GIF, BMP, WebP) and keeps its central square, uint8
     (side, side, channels).
 
     An image of more than ``MAX_PIXELS`` pixels (by its header) is an error before it is
@@ -64,8 +124,29 @@ def decode_central_square(contents: tf.Tensor, channels: int) -> tf.Tensor:
         tf.constant(MAX_PIXELS, tf.int64),
         message=f"image larger than {MAX_PIXELS:,} pixels",
     )
+
+    def jpeg_or_png() -> tf.Tensor:  # their decoders convert to any channel count
+        return tf.io.decode_image(contents, channels=channels, expand_animations=False)
+
+    def other() -> tf.Tensor:  # GIF, BMP, WebP: decoded as stored, then converted
+        return to_channels(tf.io.decode_image(contents, channels=0, expand_animations=False))
+
+    def to_channels(image: tf.Tensor) -> tf.Tensor:  # 1, 3 or 4 channels -> ``channels``
+        image = image[..., :3]  # alpha dropped, as TensorFlow's PNG decoder drops it
+        stored = tf.shape(image)[-1]
+        if channels == 3:
+            return tf.cond(tf.equal(stored, 1), lambda: tf.tile(image, [1, 1, 3]), lambda: image)
+
+        def gray() -> tf.Tensor:
+            return tf.image.rgb_to_grayscale(tf.ensure_shape(image, [None, None, 3]))
+
+        return tf.cond(tf.equal(stored, 3), gray, lambda: image)
+
+    is_jpeg_or_png = tf.logical_or(
+        tf.io.is_jpeg(contents), _starts_with(contents, 0, PNG_SIGNATURE)
+    )
     with tf.control_dependencies([too_large]):
-        image = tf.io.decode_image(contents, channels=channels, expand_animations=False)
+        image = tf.cond(is_jpeg_or_png, jpeg_or_png, other)
     shape = tf.shape(image)
     y, x, side, _ = tf.unstack(central_square_window(shape[0], shape[1]))
     image = image[y : y + side, x : x + side]
