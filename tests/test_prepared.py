@@ -1,6 +1,7 @@
 """Data at scale: the paper's 256x256 preparation into records, the random-access loader with
 a true per-epoch shuffle, O(1) exact resume, process sharding, augmentation on the device."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -536,6 +537,32 @@ def test_tfds_data_is_downloaded_on_first_use_and_a_network_failure_is_one_line(
     with pytest.raises(DataError, match="needs a manual download"):
         data.create_dataset(config)
     assert calls == []
+
+
+def test_a_real_tfds_builder_downloads_on_first_use_up_to_the_network(tmp_path, monkeypatch):
+    """TFDS's own MNIST builder and download manager, run until they open their first URL
+    (the network is the one part replaced): everything before it must work offline."""
+    pytest.importorskip("tensorflow_datasets")
+    from tensorflow_datasets.core.download import downloader
+
+    urls = []
+
+    @contextlib.contextmanager
+    def no_network(url, **kwargs):
+        urls.append(url)
+        raise ConnectionError(f"no network in this test ({url})")
+        yield  # a context manager, as TFDS uses it
+
+    monkeypatch.setattr(downloader, "_open_url", no_network)
+    config = small_config(dataset="mnist", data_dir=str(tmp_path), num_classes=10)
+    with pytest.raises(DataError) as failure:
+        data.create_dataset(config)
+    files = ("t10k-images-idx3", "t10k-labels-idx1", "train-images-idx3", "train-labels-idx1")
+    mnist = "https://storage.googleapis.com/cvdf-datasets/mnist"
+    assert sorted(urls) == [f"{mnist}/{name}-ubyte.gz" for name in files]  # all four asked for
+    message = str(failure.value)
+    assert f"Could not download 'mnist' into data_dir '{tmp_path}' (ConnectionError: no " \
+        "network in this test" in message and "\n" not in message  # fmt: skip
 
 
 def test_an_evaluation_where_nothing_decodes_is_an_error():
