@@ -3,6 +3,7 @@ a true per-epoch shuffle, O(1) exact resume, process sharding, augmentation on t
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -196,6 +197,10 @@ def tiny_tfds(data_dir):
     """A real (not mocked) TFDS data set of 10 train and 4 test images, prepared in
     ``data_dir``: sliced reads and shuffled files behave as they do on ImageNet."""
     tfds = pytest.importorskip("tensorflow_datasets")
+    if "tiny_images" in tfds.list_builders(with_community_datasets=False):  # defined already
+        builder = tfds.builder("tiny_images", data_dir=str(data_dir))
+        builder.download_and_prepare()
+        return builder.name
 
     class TinyImages(tfds.core.GeneratorBasedBuilder):
         VERSION = tfds.core.Version("1.0.0")
@@ -223,6 +228,71 @@ def tiny_tfds(data_dir):
     builder = TinyImages(data_dir=str(data_dir))
     builder.download_and_prepare()
     return builder.name
+
+
+def read_in_a_thread(read, timeout=180):
+    """``read()``'s result, or a test failure if it does not return in ``timeout`` seconds
+    (a tf.data loop that never ends would otherwise hang the suite)."""
+    import threading
+
+    result = []
+    worker = threading.Thread(target=lambda: result.append(read()), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    assert result, f"reading did not finish in {timeout} s"
+    return result[0]
+
+
+@pytest.mark.parametrize("damage", ["cut short", "a flipped byte"])
+def test_damaged_tfds_files_lose_their_records_and_are_named_without_stopping(
+    tmp_path, monkeypatch, caplog, damage
+):
+    """A torn or corrupt TFRecord file of a TFDS data set: training and evaluation go on
+    without its unreadable records and name the file (TFDS's own count check, retried by
+    ``ignore_errors``, used to make the first batch wait forever)."""
+    pytest.importorskip("tensorflow_datasets")
+    from alexnet_jax.data import tf_sources
+
+    name = tiny_tfds(tmp_path)
+    real_builder = tf_sources.tfds.builder
+    monkeypatch.setattr(
+        tf_sources.tfds, "builder", lambda _, data_dir: real_builder(name, data_dir=data_dir)
+    )
+    files = {}
+    for split in ("train", "test"):
+        (path,) = (tmp_path / name / "1.0.0").glob(f"{name}-{split}.tfrecord-*")
+        content = bytearray(path.read_bytes())
+        if damage == "cut short":
+            content = content[: len(content) // 2]
+        else:  # a record's length field: its header no longer leads to the next record
+            content[len(content) // 2] ^= 0xFF
+        path.write_bytes(bytes(content))
+        files[split] = path
+    config = small_config(dataset="mnist", data_dir=str(tmp_path), channels=3, num_classes=2,
+                          batch_size=4, eval_batch_size=4)  # fmt: skip
+    config.image_size, config.input.resize_size = 24, 28
+    dataset = data.create_dataset(config)
+    assert dataset.train_size == 10  # as the metadata says
+    steps = 2  # an epoch: 10 // 4
+    with caplog.at_level(logging.WARNING):
+        stream = dataset.train_batches(0)
+        batches = read_in_a_thread(lambda: [next(stream) for _ in range(2 * steps + 1)])
+        evaluation = read_in_a_thread(lambda: list(dataset.eval_batches()))
+    assert all(b["image"].shape == (4, 1, 24, 24, 3) for b in batches)
+    read = sum(int(b["mask"].sum()) for b in evaluation)
+    assert 0 < read < 4
+    assert f"mnist eval: {4 - read} records could not be read" in caplog.text
+    assert "mnist train, epoch 0:" in caplog.text and "records could not be read" in caplog.text
+    assert f"{files['train']}: " in caplog.text and f"{files['test']}: " in caplog.text
+    assert "of 10 records" in caplog.text and "of 4 records" in caplog.text
+    assert "failed to decode" not in caplog.text  # nothing is blamed on the images
+    with pytest.raises(
+        DataError,
+        match=f"Cannot read {name} train\\[0:10\\] from .*1.0.0: .*; its files are damaged",
+    ) as failure:
+        prepare.prepare(name, str(tmp_path), str(tmp_path / "out"), prepare.Options(size=28),
+                        workers=0)  # fmt: skip
+    assert "{{" not in str(failure.value) and "[Op:" not in str(failure.value)
 
 
 def test_tfds_data_prepares_into_records(tmp_path):

@@ -28,6 +28,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -115,6 +116,11 @@ def folder_examples(task: ShardTask):
     yield from zip(task.files, task.labels, task.names, strict=True)
 
 
+def tf_message(error) -> str:
+    """A TensorFlow op error's message without its graph function's name and op tag."""
+    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message, flags=re.S).strip().rstrip(".")
+
+
 def tfds_examples(task: ShardTask):
     """(encoded image bytes, label, name) of a TFDS shard: its range of the split."""
     import tensorflow as tf
@@ -130,7 +136,18 @@ def tfds_examples(task: ShardTask):
         shuffle_files=False,
         read_config=tfds.ReadConfig(add_tfds_id=True),
     )
-    for example in ds.as_numpy_iterator():
+    examples = ds.as_numpy_iterator()
+    while True:
+        try:
+            example = next(examples, None)
+        except tf.errors.OpError as error:  # a records file cut short or corrupt
+            raise DataError(
+                f"Cannot read {spec['name']} {spec['split']}[{spec['start']}:{spec['end']}] "
+                f"from {builder.data_dir}: {tf_message(error)}; its files are damaged: prepare "
+                "the TFDS data set again"
+            ) from error
+        if example is None:
+            return
         name = example[key] if key else example["tfds_id"]
         yield example["image"], int(example["label"]), name.decode(errors="replace")
 

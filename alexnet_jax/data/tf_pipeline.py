@@ -61,6 +61,9 @@ class RawSplit:
     listed_bad: int = 0  # files dropped before (named when the folder was listed)
     read_files: bool = False  # "image" holds a path, read just before decoding
     ordered_size: int = -1  # examples of examples(None, ...) when not local_size
+    # The split's damaged files, named (TFDS: records files holding fewer whole records than
+    # their metadata says), looked for only when records could not be read.
+    damaged_files: Callable[[], list[str]] | None = None
 
 
 class TFPipeline:
@@ -184,7 +187,7 @@ class TFPipeline:
                 gaps.update(batch.pop("index"))
                 yield shard(batch, self.devices)
             failed = names_at(self.raw_epoch(epoch), gaps.missing) if gaps.missing else []
-            report_skipped(f"{self.name} train, epoch {epoch}", self.train.listed_bad, failed)
+            report_skipped(f"{self.name} train, epoch {epoch}", self.train, gaps, failed)
             epoch, skip = epoch + 1, 0
 
     # --- evaluation ----------------------------------------------------------------------------
@@ -224,7 +227,7 @@ class TFPipeline:
         if next(iterator, None) is None:  # the split was read to its end
             gaps.close()
         failed = names_at(split.examples(None, 0, 0), gaps.missing) if gaps.missing else []
-        report_skipped(f"{self.name} {what}", split.listed_bad, failed)
+        report_skipped(f"{self.name} {what}", split, gaps, failed)
 
 
 # --- the parts, each testable alone --------------------------------------------------------------
@@ -342,17 +345,23 @@ class Gaps:
 
 
 def names_at(raw: tf.data.Dataset, positions: list[int]) -> list[str]:
-    """The names of the examples at ``positions`` of the raw (undecoded) stream."""
+    """The names of the examples at ``positions`` of the raw (undecoded) stream; fewer when
+    the stream ends before some of them (records that could not be read). A read error is
+    passed over as in the decoding pipeline: after ``enumerate``, which counts it."""
     wanted = tf.constant(positions, tf.int64)
-    ds = raw.enumerate().filter(lambda i, ex: tf.reduce_any(tf.equal(i, wanted)))
+    ds = raw.enumerate().ignore_errors().filter(lambda i, ex: tf.reduce_any(tf.equal(i, wanted)))
     names = ds.map(lambda i, ex: ex["name"]).take(len(positions))
     return [name.decode(errors="replace") for name in names.as_numpy_iterator()]
 
 
-def report_skipped(where: str, listed: int, failed: list[str]) -> None:
-    """The per-epoch count of skipped files, naming the ones that failed to decode."""
+def report_skipped(where: str, split: RawSplit, gaps: Gaps, failed: list[str]) -> None:
+    """The per-epoch count of skipped files, naming the ones that failed to decode. Where
+    the raw stream ended before the positions ``gaps`` expected (``failed`` names fewer
+    than are missing: TFDS's records files cut short or damaged), a warning naming the
+    damaged files where they can be found."""
     for name in failed[:20]:
         logging.warning("Skipped %s: it failed to decode", name)
+    listed = split.listed_bad
     if listed or failed:
         logging.warning(
             "%s: skipped %d bad files (%d found when the folder was listed and named then, "
@@ -360,3 +369,13 @@ def report_skipped(where: str, listed: int, failed: list[str]) -> None:
             where, listed + len(failed), listed, len(failed),
             "; the first 20 named above" if len(failed) > 20 else "",
         )  # fmt: skip
+    unread = len(gaps.missing) - len(failed)
+    if unread > 0:
+        damaged = split.damaged_files() if split.damaged_files else []
+        logging.warning(
+            "%s: %d records could not be read: the data set's files are damaged or cut short "
+            "(%s); prepare the data set again",
+            where,
+            unread,
+            "; ".join(damaged) if damaged else "a record failed its checksum",
+        )

@@ -133,7 +133,12 @@ def tfds_dataset(config: ml_collections.ConfigDict) -> Dataset:
                 split=local_split,
                 decoders={"image": tfds.decode.SkipDecoding()},
                 shuffle_files=training,
-                read_config=tfds.ReadConfig(add_tfds_id=True, shuffle_seed=seed),
+                # A damaged file then ends its records early (named at the epoch's end)
+                # instead of failing TFDS's count check at every read: ``ignore_errors``
+                # after decoding would retry that check forever.
+                read_config=tfds.ReadConfig(
+                    add_tfds_id=True, shuffle_seed=seed, assert_cardinality=False
+                ),
             )
             if training:
                 buffer = min(config.input.shuffle_buffer, local_size)
@@ -141,10 +146,47 @@ def tfds_dataset(config: ml_collections.ConfigDict) -> Dataset:
             ds = ds.skip(start)  # reads the records before ``start``; decodes none of them
             return ds.map(fields)
 
-        return RawSplit(examples, size, local_size)
+        return RawSplit(
+            examples, size, local_size, damaged_files=lambda: damaged_files(builder, split)
+        )
 
     train = None if name in EVAL_ONLY_SPLITS else raw("train")
     return TFPipeline(config, config.dataset, classes, train, raw(eval_split)).dataset()
+
+
+def tfrecord_count(path: str) -> int:
+    """The whole records of a TFRecord file, counted from their headers alone (each record:
+    an 8-byte little-endian length, its 4-byte CRC, the data, the data's 4-byte CRC): a
+    seek per record, no data read. A file cut short ends at its last whole record."""
+    count, offset = 0, 0
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        while offset + 12 <= size:
+            f.seek(offset)
+            length = int.from_bytes(f.read(8), "little")
+            offset += 16 + length
+            if offset > size:
+                break
+            count += 1
+    return count
+
+
+def damaged_files(builder, split: str) -> list[str]:
+    """TFDS's records files of ``split`` that hold fewer whole records than its metadata
+    says, as "path: N of M records"; only TFRecord files are checked."""
+    if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+        return []
+    info = builder.info.splits[split]
+    found = []
+    for path, expected in zip(info.filepaths, info.shard_lengths, strict=True):
+        try:
+            count = tfrecord_count(os.fspath(path))
+        except OSError as error:
+            found.append(f"{path}: {error}")
+            continue
+        if count != expected:
+            found.append(f"{path}: {count} of {expected} records")
+    return found
 
 
 def ensure_prepared(builder, config: ml_collections.ConfigDict, split: str = "train"):
