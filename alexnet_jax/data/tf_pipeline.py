@@ -377,5 +377,5 @@ def report_skipped(where: str, split: RawSplit, gaps: Gaps, failed: list[str]) -
             "(%s); prepare the data set again",
             where,
             unread,
-            "; ".join(damaged) if damaged else "a record failed its checksum",
+            "; ".join(damaged) if damaged else "none is cut short: a record inside is corrupt",
         )

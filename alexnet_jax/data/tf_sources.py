@@ -18,6 +18,7 @@ imagenet2012 needs its manual download. Importing this module imports TensorFlow
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -146,9 +147,8 @@ def tfds_dataset(config: ml_collections.ConfigDict) -> Dataset:
             ds = ds.skip(start)  # reads the records before ``start``; decodes none of them
             return ds.map(fields)
 
-        return RawSplit(
-            examples, size, local_size, damaged_files=lambda: damaged_files(builder, split)
-        )
+        damaged = functools.cache(lambda: damaged_files(builder, split))  # walked once a run
+        return RawSplit(examples, size, local_size, damaged_files=damaged)
 
     train = None if name in EVAL_ONLY_SPLITS else raw("train")
     return TFPipeline(config, config.dataset, classes, train, raw(eval_split)).dataset()
@@ -172,7 +172,7 @@ def tfrecord_count(path: str) -> int:
 
 
 def damaged_files(builder, split: str) -> list[str]:
-    """TFDS's records files of ``split`` that hold fewer whole records than its metadata
+    """TFDS's records files of ``split`` whose whole records are not as many as its metadata
     says, as "path: N of M records"; only TFRecord files are checked."""
     if builder.info.file_format != tfds.core.FileFormat.TFRECORD:
         return []
