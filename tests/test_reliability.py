@@ -617,10 +617,10 @@ def test_class_folders_are_read_as_torchvision_reads_them_with_hidden_entries_le
 ):
     root = tmp_path / "photos"
     pixels = np.zeros((8, 8, 3), np.uint8)
+    formats = {"jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP", "png": "PNG", "gif": "GIF"}
     for name in ("cat/a.JPG", "cat/2019/summer/b.jpeg", "cat/c.webp", "dog/d.png", "dog/e.gif"):
         (root / "train" / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels).save(root / "train" / name, format=name.split(".")[-1].upper()
-                                     .replace("JPG", "JPEG"))  # fmt: skip
+        Image.fromarray(pixels).save(root / "train" / name, formats[name.split(".")[-1].lower()])
     (root / "train" / ".ipynb_checkpoints").mkdir()  # what Jupyter leaves beside a notebook
     (root / "train" / "cat" / ".thumbnails").mkdir()
     Image.fromarray(pixels).save(root / "train" / "cat" / ".thumbnails" / "a.jpg")
