@@ -7,6 +7,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -44,14 +45,16 @@ def reason(error: BaseException, limit: int = 300) -> str:
     """``error`` in one line for a message: the innermost exception it was raised from (the
     most specific: Orbax's "cannot read array" wraps TensorStore's "error reading
     params.fc7.kernel ... at local file ..."), whitespace collapsed, a TensorStore spec
-    dump cut off, at most ``limit`` characters."""
+    dump and TensorFlow's op wrapping (``{{function_node ...}}``, ``[Op:...]``) cut off, at
+    most ``limit`` characters."""
     chain, seen = [], set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         chain.append(error)
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     for inner in reversed(chain):
-        text = " ".join(str(inner).split("See full TensorStore details")[0].split())
+        text = str(inner).split("See full TensorStore details")[0]
+        text = " ".join(re.sub(r"\{\{.*?\}\}|\[Op:.*$", "", text, flags=re.S).split())
         if text:
             text = text if len(text) <= limit else text[: limit - 3] + "..."
             return f"{type(inner).__name__}: {text}"

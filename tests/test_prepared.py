@@ -288,7 +288,7 @@ def test_damaged_tfds_files_lose_their_records_and_are_named_without_stopping(
     assert "failed to decode" not in caplog.text  # nothing is blamed on the images
     with pytest.raises(
         DataError,
-        match=f"Cannot read {name} train\\[0:10\\] from .*1.0.0: .*; its files are damaged",
+        match=f"Cannot read {name} train\\[0:10\\] from .*1.0.0 \\(.*\\): its files are damaged",
     ) as failure:
         prepare.prepare(name, str(tmp_path), str(tmp_path / "out"), prepare.Options(size=28),
                         workers=0)  # fmt: skip

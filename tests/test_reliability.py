@@ -334,6 +334,8 @@ def test_reason_is_the_innermost_error_in_one_line():
     except RuntimeError as outer:
         assert reason(outer) == "ValueError: OUT_OF_RANGE: error reading 'params.fc6.kernel'"
     assert reason(KeyError()) == "KeyError"
+    wrapped = "{{function_node __wrapped__IteratorGetNext}} corrupted record at 5 [Op:Next] name: "
+    assert reason(ValueError(wrapped)) == "ValueError: corrupted record at 5"  # TensorFlow's
     assert reason(OSError("x" * 500), limit=20) == "OSError: " + "x" * 17 + "..."
 
 

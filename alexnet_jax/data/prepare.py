@@ -28,7 +28,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +54,7 @@ from alexnet_jax.errors import (
     MissingDataError,
     UserError,
     one_line_errors,
+    reason,
 )
 from alexnet_jax.files import atomic_write
 
@@ -116,11 +116,6 @@ def folder_examples(task: ShardTask):
     yield from zip(task.files, task.labels, task.names, strict=True)
 
 
-def tf_message(error) -> str:
-    """A TensorFlow op error's message without its graph function's name and op tag."""
-    return re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:.*$", "", error.message, flags=re.S).strip().rstrip(".")
-
-
 def tfds_examples(task: ShardTask):
     """(encoded image bytes, label, name) of a TFDS shard: its range of the split."""
     import tensorflow as tf
@@ -143,7 +138,7 @@ def tfds_examples(task: ShardTask):
         except tf.errors.OpError as error:  # a records file cut short or corrupt
             raise DataError(
                 f"Cannot read {spec['name']} {spec['split']}[{spec['start']}:{spec['end']}] "
-                f"from {builder.data_dir}: {tf_message(error)}; its files are damaged: prepare "
+                f"from {builder.data_dir} ({reason(error)}): its files are damaged; prepare "
                 "the TFDS data set again"
             ) from error
         if example is None:
