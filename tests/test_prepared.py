@@ -610,8 +610,8 @@ def test_tfds_data_is_downloaded_on_first_use_and_a_network_failure_is_one_line(
 
 
 def test_a_real_tfds_builder_downloads_on_first_use_up_to_the_network(tmp_path, monkeypatch):
-    """TFDS's own MNIST builder and download manager, run until they open their first URL
-    (the network is the one part replaced): everything before it must work offline."""
+    """TFDS's own MNIST builder and download manager, run until they open their URLs (the
+    network is the one part replaced): everything before it must work offline."""
     pytest.importorskip("tensorflow_datasets")
     from tensorflow_datasets.core.download import downloader
 
@@ -629,7 +629,9 @@ def test_a_real_tfds_builder_downloads_on_first_use_up_to_the_network(tmp_path, 
         data.create_dataset(config)
     files = ("t10k-images-idx3", "t10k-labels-idx1", "train-images-idx3", "train-labels-idx1")
     mnist = "https://storage.googleapis.com/cvdf-datasets/mnist"
-    assert sorted(urls) == [f"{mnist}/{name}-ubyte.gz" for name in files]  # all four asked for
+    # TFDS opens the URLs from a thread pool and stops at the first failure, so how many of
+    # the four were opened before it is up to the threads (3 in one CI run).
+    assert urls and set(urls) <= {f"{mnist}/{name}-ubyte.gz" for name in files}, urls
     message = str(failure.value)
     assert f"Could not download 'mnist' into data_dir '{tmp_path}' (ConnectionError: no " \
         "network in this test" in message and "\n" not in message  # fmt: skip
