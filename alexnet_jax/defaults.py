@@ -83,6 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
     # True keeps all of XLA:CPU's YNNPACK fusions (its convolutions are slower for AlexNet);
     # False, YNNPACK for dots only. See benchmarks/README.md.
     config.xla_cpu_ynn_fusions = False
+    # auto | onednn | xla: CPU convolutions on oneDNN (PyTorch's kernels), built on first use
+    # (auto: where a C++ compiler and oneDNN are found, else XLA's; onednn: required; xla:
+    # XLA's own). GPUs run cuDNN's either way. See alexnet_jax/onednn.py.
+    config.cpu_convolutions = "auto"
     # auto | reuse | system: keep the host memory a CPU step frees for the next step (glibc;
     # auto: on CPU-only installations). See alexnet_jax/host_memory.py.
     config.host_memory = "auto"

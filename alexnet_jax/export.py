@@ -45,7 +45,10 @@ def serving_function(
     config: ml_collections.ConfigDict, workdir: str, which: str | int = "best"
 ) -> tuple[Callable, dict, tuple[int, int, int], int]:
     """``(serve(params, images) -> probabilities, params, input (R, R, C), step)`` for a run's
-    checkpoint."""
+    checkpoint. ``serve`` uses XLA's own convolutions (``config.cpu_convolutions="xla"``): a
+    oneDNN custom call would not serialize."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.cpu_convolutions = "xla"
     if config.dataset in ("digits", "synthetic"):
         raise ConfigError(
             f"config.dataset={config.dataset!r}: a model trained on {config.dataset} takes no "

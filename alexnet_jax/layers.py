@@ -13,8 +13,9 @@ speed, chiefly on the CPU (``benchmarks/README.md`` has the measurements):
   Comparisons and sums run in at least float32: XLA:CPU emulates bfloat16 arithmetic.
 - ``bias_add`` and ``Conv`` (``flax.linen.Conv``'s parameters and result): the bias
   gradient as a product with ones, which XLA:CPU runs far faster than the equivalent sum.
-  ``Conv`` convolves with ``shifted_conv.conv2d``: bfloat16 convolutions become bfloat16
-  matrix products on the CPU, ``lax.conv_general_dilated`` everywhere else.
+  ``Conv`` convolves with ``shifted_conv.conv2d``: oneDNN's convolutions on the CPU
+  (``onednn.py``; where they cannot be built, bfloat16 convolutions become bfloat16 matrix
+  products), ``lax.conv_general_dilated`` everywhere else.
 - ``mixed_dot_general``: a ``dot_general`` for ``flax.linen.Dense(dot_general=...)`` that
   multiplies bfloat16 operands with float32 accumulation, forward and backward. A plain
   bfloat16 ``dot_general`` makes XLA:CPU convert both operands to float32 and multiply in
@@ -329,6 +330,7 @@ class Conv(nn.Module):
     dtype: Any = None
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    cpu_convolutions: str = "auto"  # auto | onednn | xla: see alexnet_jax/onednn.py
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -342,5 +344,7 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv2d(x, kernel, self.strides, self.padding, self.feature_group_count)
+        y = conv2d(
+            x, kernel, self.strides, self.padding, self.feature_group_count, self.cpu_convolutions
+        )
         return bias_add(y, bias)

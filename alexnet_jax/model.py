@@ -229,6 +229,9 @@ class AlexNet(nn.Module):
       width_divisor: divides every conv layer's filters and fc6's and fc7's units (4: the
         paper's network at 227 with 1,000 classes has 4.7 M parameters instead of 62.4 M;
         for ablations and quick runs); fc8 keeps ``num_classes``.
+      cpu_convolutions: "auto" (oneDNN's convolutions on the CPU where they can be built),
+        "onednn" (required) or "xla" (XLA's own: exportable); see ``alexnet_jax/onednn.py``.
+        The same parameters and, within rounding, the same results either way.
     """
 
     num_classes: int = 1000
@@ -244,6 +247,7 @@ class AlexNet(nn.Module):
     lrn_alpha: float = 1e-4
     lrn_beta: float = 0.75
     width_divisor: int = 1
+    cpu_convolutions: str = "auto"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -276,6 +280,7 @@ class AlexNet(nn.Module):
                 dtype=self.dtype,
                 kernel_init=kernel_init,
                 bias_init=_bias_init(init, conv.bias, fan_in),
+                cpu_convolutions=self.cpu_convolutions,
                 name=name,
             )(x)
             x = nn.relu(x)
@@ -342,9 +347,14 @@ def count_params(params: Any) -> int:
 
 
 def create_model(
-    model_config: ml_collections.ConfigDict, num_classes: int, dtype: Any = jnp.float32
+    model_config: ml_collections.ConfigDict,
+    num_classes: int,
+    dtype: Any = jnp.float32,
+    cpu_convolutions: str = "auto",
 ) -> nn.Module:
-    """The network ``config.model`` names (``name``: alexnet | vgg11), with its fields."""
+    """The network ``config.model`` names (``name``: alexnet | vgg11), with its fields;
+    ``cpu_convolutions`` (``config.cpu_convolutions``) is AlexNet's (VGG-11 convolves with
+    ``flax.linen.Conv``)."""
     m = model_config
     if m.name == "alexnet":
         return AlexNet(
@@ -361,6 +371,7 @@ def create_model(
             lrn_alpha=m.lrn_alpha,
             lrn_beta=m.lrn_beta,
             width_divisor=m.width_divisor,
+            cpu_convolutions=cpu_convolutions,
         )
     if m.name == "vgg11":
         return VGG(

@@ -1,4 +1,9 @@
-"""bfloat16 convolutions as matrix products, for XLA:CPU.
+"""CPU convolutions: on oneDNN where it can be built, else bfloat16 ones as matrix products.
+
+``conv2d`` is what ``layers.Conv`` convolves with. On the CPU it hands float32 and bfloat16
+convolutions to oneDNN (``onednn.py``: PyTorch's kernels, through an XLA FFI handler) unless
+``cpu_convolutions="xla"`` or the handler cannot be built; those products, below, are the
+bfloat16 path without it (and with ``xla``: exports, machines without a C++ compiler).
 
 XLA:CPU (jax 0.10-0.11) converts a bfloat16 convolution to float32 and runs it at float32
 speed, whatever its options; a bfloat16 *product* asked for a float32 result goes to a
@@ -51,6 +56,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from alexnet_jax import onednn
+
 
 def _bits(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(x, jnp.uint16)
@@ -98,20 +105,32 @@ def conv2d(
     strides: Sequence[int] = (1, 1),
     padding: Sequence[Sequence[int]] = ((0, 0), (0, 0)),
     feature_group_count: int = 1,
+    cpu_convolutions: str = "auto",
 ) -> jax.Array:
     """``lax.conv_general_dilated(x, kernel, strides, padding, ("NHWC", "HWIO", "NHWC"))``.
 
-    bfloat16 convolutions with symmetric padding narrower than the kernel lower to matrix
-    products on the CPU (see the module docstring; grouped ones group by group, the results
-    side by side). Other grouped convolutions with more than one channel per group run on the
-    CPU as one ``lax.conv_general_dilated`` per group (``_by_groups``). Everything else, and
-    every other platform, takes ``lax.conv_general_dilated`` as it is.
+    On the CPU, float32 and bfloat16 convolutions run on oneDNN (``onednn.conv2d``) where
+    ``cpu_convolutions`` (``config.cpu_convolutions``: auto | onednn | xla) allows it and the
+    handler can be built. Otherwise bfloat16 convolutions with symmetric padding narrower
+    than the kernel lower to matrix products on the CPU (see the module docstring; grouped
+    ones group by group, the results side by side), and other grouped convolutions with more
+    than one channel per group run on the CPU as one ``lax.conv_general_dilated`` per group
+    (``_by_groups``). Everything else, and every other platform, takes
+    ``lax.conv_general_dilated`` as it is.
     """
     strides = tuple(int(s) for s in strides)
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     plain = functools.partial(
         lax_conv2d, strides=strides, padding=padding, feature_group_count=feature_group_count
     )
+    if onednn.takes(cpu_convolutions, x, kernel, strides, padding, feature_group_count):
+        on_cpu = functools.partial(
+            onednn.conv2d,
+            strides=strides,
+            padding=padding,
+            feature_group_count=feature_group_count,
+        )
+        return lax.platform_dependent(x, kernel, cpu=on_cpu, default=plain)
     if not _as_products(x, kernel, strides, padding, feature_group_count):
         if not _by_groups(x, kernel, feature_group_count):
             return plain(x, kernel)

@@ -60,9 +60,10 @@ class TrainState(struct.PyTreeNode):
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """The network of ``config.model``, computing in bfloat16 if ``config.half_precision``."""
+    """The network of ``config.model``, computing in bfloat16 if ``config.half_precision``,
+    convolving on the CPU as ``config.cpu_convolutions`` says."""
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-    return create_network(config.model, num_classes, dtype)
+    return create_network(config.model, num_classes, dtype, config.cpu_convolutions)
 
 
 def create_train_state(

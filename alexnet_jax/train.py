@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from alexnet_jax import checkpointing, data, normalization, optim, steps
+from alexnet_jax import checkpointing, data, normalization, onednn, optim, steps
 from alexnet_jax.config_checks import validate_config
 from alexnet_jax.data.dataset import steps_per_epoch as count_steps_per_epoch
 from alexnet_jax.errors import ConfigError, UserError
@@ -66,6 +66,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         dataset.num_classes, steps_per_epoch, total_steps,
     )  # fmt: skip
     logging.info("Config:\n%s", config)
+    if jax.default_backend() == "cpu":
+        try:  # built here (once per machine), before the steps compile around it
+            on_onednn = onednn.available(config.cpu_convolutions)
+        except onednn.OnednnUnavailable as e:
+            raise ConfigError(f"config.cpu_convolutions='onednn': {e}") from e
+        logging.info("CPU convolutions: %s", "oneDNN's" if on_onednn else "XLA's")
     if is_main:
         write_run_files(workdir, config, dataset.class_names)
 

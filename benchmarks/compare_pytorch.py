@@ -76,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alexnet_jax import host_memory, normalization, optim, steps
+from alexnet_jax import host_memory, normalization, onednn, optim, steps
 from alexnet_jax import model as model_lib
 from alexnet_jax.defaults import default_config
 
@@ -623,11 +623,16 @@ def main(argv: list[str] | None = None) -> dict:
     torch_device = (
         torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     )
+    if not gpu:  # config.cpu_convolutions="auto", as main.py runs: oneDNN where it builds
+        jax_settings["cpu_convolutions"] = "onednn" if onednn.available("auto") else "xla"
     memory = "kept for reuse" if reused else "glibc's defaults"
     crops = "" if args.eval_crops == 1 else f" (evaluation: {args.eval_crops} crops an image)"
     print(f"JAX {jax.__version__} on {jax_device.device_kind}; PyTorch {torch.__version__} on "
           f"{torch_device}; batch {args.batch}{crops}; host memory {memory} (--host_memory "
           f"{args.host_memory})")  # fmt: skip
+    if not gpu:
+        print(f"our CPU convolutions: {jax_settings['cpu_convolutions']} "
+              "(config.cpu_convolutions=auto)")  # fmt: skip
     peak = matmul_peak(platform_name, args.peak_size or (8192 if gpu else 2048), precisions)
     print("matmul peak, GFLOP/s: " + ", ".join(f"{k} {v:.3g}" for k, v in peak.items()))
     results = []

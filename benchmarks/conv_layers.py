@@ -4,8 +4,9 @@
         [--precision auto|bf16|fp32] [--repeats 5] [--layers conv1,...,conv5]
         [--host_memory auto|reuse|system] [--json]
 
-- ``ours``: ``alexnet_jax.shifted_conv.conv2d``, what ``layers.Conv`` runs (on the CPU in
-  bf16: matrix products; otherwise XLA's convolution).
+- ``ours``: ``alexnet_jax.shifted_conv.conv2d``, what ``layers.Conv`` runs (on the CPU:
+  oneDNN's convolutions where they build, ``alexnet_jax/onednn.py``; without them, in bf16
+  matrix products and otherwise XLA's convolution).
 - ``xla``: ``lax.conv_general_dilated``, XLA's own convolution (in bf16 XLA:CPU computes it
   in fp32).
 - ``torch``: ``torch.nn.functional.conv2d`` on ``channels_last`` tensors (with bf16 under

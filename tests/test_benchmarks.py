@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import compare_pytorch  # noqa: E402
 
-from alexnet_jax import model  # noqa: E402
+from alexnet_jax import model, onednn  # noqa: E402
 
 
 @pytest.mark.slow
@@ -373,7 +373,9 @@ def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
     assert set(result["eval_img_s"]) == set(result["train_img_s"]) | {frozen}
     assert result["eval_img_s"][frozen] > 0
     assert summary["torch_settings"] == {"optimizer": "SGD(fused=True)"}  # no GPU flags here
-    assert summary["jax_settings"] == {}
+    # on the CPU: whose convolutions our steps ran (config.cpu_convolutions="auto")
+    expected = "onednn" if onednn.available("auto") else "xla"
+    assert summary["jax_settings"] == {"cpu_convolutions": expected}
     best = max(("torch_eager", "torch_compile+autotune"), key=result["train_img_s"].get)
     assert result["best_torch_train"] == best
     # The figures are rounded to 0.01 images/s (the ratio to 0.001): at this size, under load,

@@ -1,5 +1,8 @@
 """bfloat16 convolutions as products (``shifted_conv.conv2d``) against XLA's convolution.
 
+These are the CPU path without oneDNN (``cpu_convolutions="xla"``: exports, machines without
+a C++ compiler); ``test_onednn.py`` tests the oneDNN path.
+
 The reference is ``lax.conv_general_dilated`` in float32 on the same bfloat16 values: ours
 accumulates in float32 and rounds once, so forward and gradients agree to bfloat16's rounding.
 float32 grouped convolutions, which ``conv2d`` runs group by group on the CPU, are checked
@@ -17,6 +20,7 @@ from alexnet_jax.layers import Conv
 
 BF16 = jnp.bfloat16
 EPS = 2.0**-8  # bfloat16's relative rounding step
+XLA = "xla"  # config.cpu_convolutions: the products, not oneDNN
 
 
 def _reference(strides, padding, groups=1):
@@ -60,7 +64,7 @@ def test_forward_and_gradients_match_xla_convolution(image, kernel_shape, stride
     padding = ((pad[0], pad[0]), (pad[1], pad[1]))
 
     def ours(x, kernel):
-        return shifted_conv.conv2d(x, kernel, strides, padding, groups)
+        return shifted_conv.conv2d(x, kernel, strides, padding, groups, XLA)
 
     reference = _reference(strides, padding, groups)
     y = jax.jit(ours)(x, kernel)
@@ -89,7 +93,7 @@ def test_on_the_cpu_bfloat16_lowers_to_products_and_float32_to_a_convolution():
     kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 8)), jnp.float32)
 
     def loss(x, kernel):
-        y = shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)))
+        y = shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), cpu_convolutions=XLA)
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
     train = jax.value_and_grad(loss, argnums=(0, 1))
@@ -141,7 +145,7 @@ def test_other_platforms_keep_xla_convolution():
     kernel = jnp.zeros((3, 3, 16, 8), BF16)
 
     def loss(x, kernel):
-        y = shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)))
+        y = shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), cpu_convolutions=XLA)
         return jnp.sum(y.astype(jnp.float32))
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -161,7 +165,7 @@ def test_what_products_do_not_cover_falls_back_to_xla(padding):
     kernel = jnp.asarray(rng.standard_normal((3, 3, 8, 6)), BF16)
 
     def ours(x, kernel):
-        return shifted_conv.conv2d(x, kernel, (1, 1), padding)
+        return shifted_conv.conv2d(x, kernel, (1, 1), padding, cpu_convolutions=XLA)
 
     expected = shifted_conv.lax_conv2d(x, kernel, (1, 1), padding)
     np.testing.assert_array_equal(np.asarray(jax.jit(ours)(x, kernel), np.float32),
@@ -175,8 +179,8 @@ def test_conv_layer_in_bfloat16_follows_float32():
     same layer in float32: the same parameters, results within bfloat16 rounding."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 15, 15, 8)), jnp.float32)
-    layer32 = Conv(16, (5, 5), padding=((2, 2), (2, 2)), dtype=jnp.float32)
-    layer16 = Conv(16, (5, 5), padding=((2, 2), (2, 2)), dtype=BF16)
+    layer32 = Conv(16, (5, 5), padding=((2, 2), (2, 2)), dtype=jnp.float32, cpu_convolutions=XLA)
+    layer16 = Conv(16, (5, 5), padding=((2, 2), (2, 2)), dtype=BF16, cpu_convolutions=XLA)
     params = layer32.init(jax.random.PRNGKey(0), x)
     chex.assert_trees_all_equal_shapes(params, layer16.init(jax.random.PRNGKey(0), x))
     expected = layer32.apply(params, x.astype(BF16).astype(jnp.float32))
@@ -204,7 +208,7 @@ def test_float32_groups_match_xla_grouped_conv(image, kernel_shape, strides, pad
     kernel = jnp.asarray(rng.standard_normal((kh, kw, image[-1] // groups, features)), jnp.float32)
 
     def ours(x, kernel):
-        return shifted_conv.conv2d(x, kernel, strides, padding, groups)
+        return shifted_conv.conv2d(x, kernel, strides, padding, groups, XLA)
 
     def reference(x, kernel):
         return shifted_conv.lax_conv2d(x, kernel, strides, padding, groups)
@@ -229,7 +233,7 @@ def test_grouped_float32_keeps_one_convolution_on_other_platforms():
     kernel = jnp.zeros((3, 3, 8, 8), jnp.float32)
 
     def loss(x, kernel):
-        return jnp.sum(shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 2))
+        return jnp.sum(shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 2, XLA))
 
     fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
     gpu = jax.export.export(fn, platforms=["cuda"])(x, kernel).mlir_module()

@@ -1,0 +1,266 @@
+"""oneDNN's convolutions on the CPU, called from XLA through an FFI handler.
+
+XLA:CPU (jax 0.10-0.11) runs convolutions on Eigen's kernels, and bfloat16 ones in float32;
+PyTorch runs them on oneDNN's, with AVX-512 and AVX512-BF16 (or AMX) where the CPU has them.
+``conv2d`` hands each pass of a convolution (forward, input gradient, kernel gradient) to
+oneDNN instead: the same kernels PyTorch's ``channels_last`` convolutions run, on our NHWC
+images, with the kernel reordered into oneDNN's layout at each call (as PyTorch's eager mode
+does). ``benchmarks/README.md`` has the measurements.
+
+The handler (``csrc/onednn_conv.cc``) is compiled on first use with the machine's C++
+compiler (``$CXX``, else ``c++``) against the jaxlib headers and the oneDNN the
+``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` packages install (or ``$DNNLROOT``), and
+kept in ``$ALEXNET_JAX_CACHE`` (default ``~/.cache/alexnet_jax``) under a name that changes
+with the source, jaxlib and oneDNN; later processes load it in milliseconds.
+
+``config.cpu_convolutions`` chooses (``layers.Conv``'s ``cpu_convolutions``):
+
+- ``auto``: oneDNN where it can be built and loaded, on a machine whose default JAX backend
+  is the CPU; otherwise XLA's convolutions, with one warning that says why.
+- ``onednn``: the same, but a handler that cannot be built is an error.
+- ``xla``: never; only XLA's own operations. ``python -m alexnet_jax.export`` uses this: a
+  custom call cannot be serialized to StableHLO, a SavedModel or ONNX.
+
+The choice is made per platform when a program is lowered (``lax.platform_dependent``): a
+program lowered for a GPU runs ``lax.conv_general_dilated`` (cuDNN) and holds no custom call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import site
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+from alexnet_jax.errors import UserError
+
+MODES = ("auto", "onednn", "xla")
+TARGET = "alexnet_jax_onednn_conv"
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "onednn_conv.cc")
+
+log = logging.getLogger(__name__)
+
+
+class OnednnUnavailable(UserError, RuntimeError):
+    """The oneDNN handler cannot be built or loaded here (the message says why)."""
+
+
+def cache_dir() -> str:
+    """Where built handlers are kept: ``$ALEXNET_JAX_CACHE`` or ``~/.cache/alexnet_jax``."""
+    root = os.environ.get("ALEXNET_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "alexnet_jax"
+    )
+    return os.path.join(root, "onednn")
+
+
+def _prefixes() -> list[str]:
+    """Install prefixes that may hold oneDNN's ``include/`` and ``lib/``, first match wins."""
+    prefixes = [os.environ.get("DNNLROOT", ""), sysconfig.get_path("data"), sys.prefix]
+    prefixes.append(site.getuserbase())  # pip install --user
+    return [p for p in dict.fromkeys(prefixes) if p]
+
+
+def find_onednn() -> tuple[str, str]:
+    """``(include directory, libdnnl.so path)`` of oneDNN 3, or ``OnednnUnavailable``."""
+    for prefix in _prefixes():
+        include = os.path.join(prefix, "include")
+        header = os.path.join(include, "oneapi", "dnnl", "dnnl.hpp")
+        for lib in ("lib", "lib64"):
+            library = os.path.join(prefix, lib, "libdnnl.so.3")
+            if os.path.isfile(header) and os.path.isfile(library):
+                return include, library
+    raise OnednnUnavailable(
+        "oneDNN 3 (include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so.3) was not found under "
+        f"{', '.join(_prefixes())}; pip install onednn-cpu-gomp onednn-devel-cpu-gomp, or "
+        "set DNNLROOT"
+    )
+
+
+def build(out_dir: str | None = None) -> str:
+    """The handler's shared library for this source, jaxlib and oneDNN: compiled once into
+    ``out_dir`` (default ``cache_dir()``), atomically, and reused after."""
+    include, library = find_onednn()
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise OnednnUnavailable(
+            f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} is not on PATH; set CXX or "
+            "install g++) to build oneDNN's convolution handler"
+        )
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    stat = os.stat(library)
+    fingerprint = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                jax.ffi.include_dir().encode(),
+                jaxlib.__version__.encode(),
+                jax.__version__.encode(),
+                os.path.realpath(library).encode(),
+                str((stat.st_size, stat.st_mtime_ns)).encode(),
+                compiler.encode(),
+            ]
+        )
+    ).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    path = os.path.join(out_dir, f"onednn_conv-{fingerprint}.so")
+    if os.path.isfile(path):
+        return path
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, suffix=".so.tmp", delete=False)
+    except OSError:  # a read-only cache: build in a private temporary folder instead
+        out_dir = tempfile.mkdtemp(prefix="alexnet_jax_onednn_")
+        path = os.path.join(out_dir, os.path.basename(path))
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, suffix=".so.tmp", delete=False)
+    probe.close()
+    command = [
+        compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wno-return-type",
+        f"-I{jax.ffi.include_dir()}", f"-I{include}", SOURCE, "-o", probe.name,
+        library, f"-Wl,-rpath,{os.path.dirname(library)}",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(probe.name)
+        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+        raise OnednnUnavailable(f"building {SOURCE} failed ({' '.join(command)}):\n{tail}")
+    os.replace(probe.name, path)  # atomic: concurrent builders each leave a whole file
+    return path
+
+
+@functools.cache
+def _load() -> bool:
+    """Builds (once per machine) and loads the handler, registering it with XLA for the CPU;
+    whether oneDNN has a bfloat16 convolution kernel for this CPU (not its reference loops).
+    Raises ``OnednnUnavailable`` (again on each call: the failure is not cached)."""
+    path = build()
+    try:
+        library = ctypes.CDLL(path)
+    except OSError as e:
+        raise OnednnUnavailable(f"cannot load {path}: {e}") from e
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AlexnetOnednnConv), "cpu")
+    return bool(library.AlexnetOnednnFastBf16())
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    log.warning("oneDNN convolutions are unavailable, XLA's are used (slower): %s", reason)
+
+
+def available(mode: str = "onednn") -> bool:
+    """Whether the handler is built and loaded (building it on first use) under ``mode``
+    (``config.cpu_convolutions``), on a machine whose default backend is the CPU. With
+    ``onednn`` a handler that cannot be built raises ``OnednnUnavailable``; with ``auto`` it
+    is one logged warning and ``False``; ``xla`` is always ``False``."""
+    if mode not in MODES:
+        raise ValueError(f"cpu_convolutions={mode!r}: choose one of {MODES}")
+    if mode == "xla" or jax.default_backend() != "cpu":
+        return False
+    try:
+        _load()
+    except OnednnUnavailable as e:
+        if mode == "onednn":
+            raise
+        _warn_once(str(e))
+        return False
+    return True
+
+
+def takes(
+    mode: str,
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int],
+    padding: Sequence[Sequence[int]],
+    feature_group_count: int,
+) -> bool:
+    """Whether ``conv2d`` should run this convolution on the CPU under ``mode``: the handler
+    is ``available``, and the convolution is 4-D, float32 or (where oneDNN has a bfloat16
+    kernel for this CPU) bfloat16 in both operands, in whole groups, with non-negative
+    padding and at least one output pixel."""
+    types = (jnp.float32, jnp.bfloat16)
+    shaped = (
+        x.ndim == 4
+        and kernel.ndim == 4
+        and x.dtype == kernel.dtype
+        and x.dtype in types
+        and len(strides) == 2
+        and all(s >= 1 for s in strides)
+        and len(padding) == 2
+        and all(lo >= 0 and hi >= 0 for lo, hi in padding)
+        and feature_group_count >= 1
+        and kernel.shape[2] * feature_group_count == x.shape[-1]
+        and kernel.shape[-1] % feature_group_count == 0
+        and all(
+            size + lo + hi >= k
+            for size, (lo, hi), k in zip(x.shape[1:3], padding, kernel.shape[:2], strict=True)
+        )
+    )
+    if not shaped or not available(mode):
+        return False
+    return x.dtype == jnp.float32 or _load()
+
+
+def _call(which, a, b, result, strides, padding, groups):
+    """Pass ``which`` of the handler (0 forward, 1 input gradient, 2 kernel gradient), its
+    result shaped as ``result``. Under ``vmap`` each example is convolved in turn."""
+    (top, bottom), (left, right) = padding
+    result = jax.ShapeDtypeStruct(result.shape, result.dtype)
+    return jax.ffi.ffi_call(TARGET, result, vmap_method="sequential")(
+        a, b, which=which, stride_h=strides[0], stride_w=strides[1], pad_top=top,
+        pad_bottom=bottom, pad_left=left, pad_right=right, groups=groups,
+    )  # fmt: skip
+
+
+def _output_shape(x, kernel, strides, padding):
+    n, h, w, _ = x.shape
+    kh, kw, _, features = kernel.shape
+    (top, bottom), (left, right) = padding
+    return (
+        n,
+        (h + top + bottom - kh) // strides[0] + 1,
+        (w + left + right - kw) // strides[1] + 1,
+        features,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: Sequence[int],
+    padding: Sequence[Sequence[int]],
+    feature_group_count: int = 1,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` (NHWC, HWIO, NHWC) on oneDNN, its result in ``x``'s dtype.
+    Needs the handler loaded first (``takes``); lowers for the CPU only."""
+    return _forward(x, kernel, strides, padding, feature_group_count)[0]
+
+
+def _forward(x, kernel, strides, padding, groups):
+    y = jax.ShapeDtypeStruct(_output_shape(x, kernel, strides, padding), x.dtype)
+    return _call(0, x, kernel, y, strides, padding, groups), (x, kernel)
+
+
+def _backward(strides, padding, groups, residuals, g):
+    x, kernel = residuals
+    g = g.astype(x.dtype)
+    # XLA drops whichever pass nobody reads (conv1's input gradient).
+    dx = _call(1, g, kernel, x, strides, padding, groups)
+    dkernel = _call(2, x, g, kernel, strides, padding, groups)
+    return dx, dkernel
+
+
+conv2d.defvjp(_forward, _backward)

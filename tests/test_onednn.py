@@ -1,0 +1,214 @@
+"""oneDNN's convolutions on the CPU (``alexnet_jax/onednn.py``) against XLA's own.
+
+The reference is ``lax.conv_general_dilated`` in float32 (on the bfloat16 values, for
+bfloat16): forward and both gradients, every geometry the products' tests cover (strides,
+per-axis and asymmetric padding, groups), in the network and in a train step. Then what a
+user meets around it: the lowering chosen per platform, ``cpu_convolutions="xla"``, ``vmap``,
+the build cache, and the errors when oneDNN or a compiler is missing.
+"""
+
+import os
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_shifted_conv import EPS, GEOMETRIES, _relative_error
+
+from alexnet_jax import onednn, shifted_conv
+from alexnet_jax.model import AlexNet
+
+ON_CPU = jax.default_backend() == "cpu"
+
+
+def _onednn_here() -> bool:
+    try:
+        return onednn.available("onednn")
+    except onednn.OnednnUnavailable:
+        if os.environ.get("CI"):
+            raise  # CI installs oneDNN and has a compiler: the path must be tested there
+        return False
+
+
+needs_onednn = pytest.mark.skipif(
+    not (ON_CPU and _onednn_here()), reason="oneDNN's handler cannot be built here"
+)
+
+
+def _compiled_text(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("image, kernel_shape, strides, pad, groups", GEOMETRIES)
+def test_forward_and_gradients_match_xla(image, kernel_shape, strides, pad, groups, dtype):
+    rng = np.random.default_rng(0)
+    kh, kw, features = kernel_shape
+    x = jnp.asarray(rng.standard_normal(image), dtype)
+    kernel = jnp.asarray(rng.standard_normal((kh, kw, image[-1] // groups, features)) * 0.2, dtype)
+    # per-axis, and on one axis asymmetric (which the products leave to XLA)
+    padding = ((pad[0], pad[0]), (pad[1], pad[1] + 1))
+
+    def ours(x, kernel):
+        return shifted_conv.conv2d(x, kernel, strides, padding, groups)
+
+    def reference(x, kernel):
+        x, kernel = x.astype(jnp.float32), kernel.astype(jnp.float32)
+        return shifted_conv.lax_conv2d(x, kernel, strides, padding, groups)
+
+    # float32: oneDNN sums in another order; bfloat16: one rounding of the result
+    tolerance = 1e-5 if dtype == jnp.float32 else EPS
+    y = jax.jit(ours)(x, kernel)
+    expected = reference(x, kernel)
+    chex.assert_equal_shape([y, expected])
+    assert y.dtype == dtype
+    assert _relative_error(y, expected) <= tolerance
+
+    cotangent = jnp.asarray(rng.standard_normal(y.shape), dtype)
+    backward = jax.jit(lambda x, k, g: jax.vjp(ours, x, k)[1](g))
+    d_x, d_kernel = backward(x, kernel, cotangent)
+    ref_x, ref_kernel = jax.vjp(reference, x, kernel)[1](cotangent.astype(jnp.float32))
+    chex.assert_trees_all_equal_dtypes((d_x, d_kernel), (x, kernel))
+    assert _relative_error(d_x, ref_x) <= tolerance
+    assert _relative_error(d_kernel, ref_kernel) <= tolerance
+
+    # all three passes are oneDNN's, none XLA's
+    text = _compiled_text(lambda x, k, g: (ours(x, k), backward(x, k, g)), x, kernel, cotangent)
+    assert text.count(onednn.TARGET) == 3 and "convolution(" not in text
+
+
+@needs_onednn
+def test_xla_mode_and_other_platforms_hold_no_custom_call():
+    """``cpu_convolutions="xla"`` (exports) lowers to XLA's operations alone; lowered for a
+    GPU (no GPU needed to lower), ``auto`` is one plain convolution per pass: cuDNN's path
+    is untouched by the CPU's handler."""
+    x = jnp.zeros((2, 13, 13, 16), jnp.float32)
+    kernel = jnp.zeros((3, 3, 16, 8), jnp.float32)
+
+    def grads(mode):
+        def loss(x, kernel):
+            y = shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, mode)
+            return jnp.sum(y**2)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+    cpu = grads("auto").lower(x, kernel).as_text()
+    assert onednn.TARGET in cpu and "stablehlo.convolution" not in cpu
+    assert onednn.TARGET not in grads("xla").lower(x, kernel).as_text()
+    gpu = jax.export.export(grads("auto"), platforms=["cuda"])(x, kernel).mlir_module()
+    assert onednn.TARGET not in gpu and gpu.count("stablehlo.convolution") == 3
+
+
+@needs_onednn
+def test_vmap_convolves_each_example():
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((3, 2, 9, 9, 4)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 3, 4, 6)), jnp.float32)
+
+    def conv(x, kernel):
+        return shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)))
+
+    expected = jnp.stack(
+        [
+            shifted_conv.lax_conv2d(a, b, (1, 1), ((1, 1), (1, 1)))
+            for a, b in zip(x, kernel, strict=True)
+        ]
+    )
+    chex.assert_trees_all_close(jax.jit(jax.vmap(conv))(x, kernel), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_the_network_and_its_gradients_match_xlas_convolutions(dtype):
+    """The paper's two-tower AlexNet (LRN, grouped conv2/4/5), narrowed: logits and every
+    parameter's gradient with oneDNN's convolutions against the same with XLA's."""
+    images = jax.random.normal(jax.random.PRNGKey(0), (2, 67, 67, 3))
+    labels = jnp.array([1, 3])
+
+    def model(mode):
+        return AlexNet(num_classes=5, groups=2, width_divisor=8, dtype=dtype, dropout_rate=0.0,
+                       cpu_convolutions=mode)  # fmt: skip
+
+    params = model("xla").init(jax.random.PRNGKey(1), images)["params"]
+
+    def loss_and_grads(mode):
+        def loss(params):
+            logits = model(mode).apply({"params": params}, images, train=True)
+            onehot = jax.nn.one_hot(labels, 5)
+            return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits.astype(jnp.float32)), -1))
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (ours_loss, ours), (ref_loss, ref) = loss_and_grads("auto"), loss_and_grads("xla")
+    rtol = 1e-4 if dtype == jnp.float32 else 0.05
+    np.testing.assert_allclose(ours_loss, ref_loss, rtol=rtol)
+    for path, got, expected in zip(
+        jax.tree_util.tree_leaves_with_path(ours),
+        jax.tree_util.tree_leaves(ours),
+        jax.tree_util.tree_leaves(ref),
+        strict=True,
+    ):
+        scale = float(jnp.max(jnp.abs(expected))) or 1.0
+        error = float(jnp.max(jnp.abs(got - expected))) / scale
+        assert error <= (1e-4 if dtype == jnp.float32 else 0.08), (path[0], error)
+
+
+def test_the_build_is_cached_and_reused(tmp_path):
+    if not ON_CPU:
+        pytest.skip("the handler is the CPU's")
+    try:
+        onednn.find_onednn()
+    except onednn.OnednnUnavailable as e:
+        pytest.skip(str(e))
+    path = onednn.build(str(tmp_path))
+    assert os.path.dirname(path) == str(tmp_path) and path.endswith(".so")
+    built = os.stat(path).st_mtime_ns
+    start = time.perf_counter()
+    assert onednn.build(str(tmp_path)) == path
+    assert time.perf_counter() - start < 1.0  # found, not compiled again
+    assert os.stat(path).st_mtime_ns == built
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+
+
+def test_missing_onednn_or_compiler_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(onednn, "_prefixes", lambda: [str(tmp_path)])
+    with pytest.raises(onednn.OnednnUnavailable, match="pip install onednn-cpu-gomp"):
+        onednn.build(str(tmp_path))
+    monkeypatch.undo()
+    try:
+        onednn.find_onednn()
+    except onednn.OnednnUnavailable as e:
+        pytest.skip(str(e))
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(onednn.OnednnUnavailable, match="'no-such-compiler' is not on PATH"):
+        onednn.build(str(tmp_path / "cache"))
+
+
+def test_auto_falls_back_to_xla_with_one_warning_and_onednn_raises(monkeypatch, caplog):
+    if not ON_CPU:
+        pytest.skip("the handler is the CPU's")
+
+    def unavailable():
+        raise onednn.OnednnUnavailable("no C++ compiler (test)")
+
+    monkeypatch.setattr(onednn, "_load", unavailable)
+    onednn._warn_once.cache_clear()
+    x = jnp.ones((1, 8, 8, 4), jnp.float32)
+    kernel = jnp.ones((3, 3, 4, 4), jnp.float32)
+    with caplog.at_level("WARNING", logger=onednn.__name__):
+        for _ in range(2):
+            text = (
+                jax.jit(lambda x, k: shifted_conv.conv2d(x, k, (1, 1), ((1, 1), (1, 1))))
+                .lower(x, kernel)
+                .as_text()
+            )
+            assert onednn.TARGET not in text and "stablehlo.convolution" in text
+    warnings = [r for r in caplog.records if "no C++ compiler (test)" in r.getMessage()]
+    assert len(warnings) == 1
+    with pytest.raises(onednn.OnednnUnavailable, match="no C.. compiler"):
+        shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, "onednn")
+    with pytest.raises(ValueError, match="cpu_convolutions='mkl'"):
+        shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, "mkl")
