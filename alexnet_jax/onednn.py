@@ -146,10 +146,22 @@ def _load() -> bool:
     whether oneDNN has a bfloat16 convolution kernel for this CPU (not its reference loops).
     Raises ``OnednnUnavailable`` (again on each call: the failure is not cached)."""
     path = build()
+    # GNU OpenMP reads its settings once, when it is loaded (here, with oneDNN, unless another
+    # library loaded it first). By default its threads spin after each parallel region, on
+    # the cores XLA's own threads need for the next operations: the torchvision fp32 train
+    # step ran 34 images/s with spinning threads, 40-42 with sleeping ones (benchmarks/
+    # README.md). A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept, and the process's
+    # environment is restored after loading.
+    passive = not any(os.environ.get(v) for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))
+    if passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     try:
         library = ctypes.CDLL(path)
     except OSError as e:
         raise OnednnUnavailable(f"cannot load {path}: {e}") from e
+    finally:
+        if passive:
+            del os.environ["OMP_WAIT_POLICY"]
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AlexnetOnednnConv), "cpu")
     return bool(library.AlexnetOnednnFastBf16())
 

@@ -8,6 +8,9 @@ the build cache, and the errors when oneDNN or a compiler is missing.
 """
 
 import os
+import re
+import subprocess
+import sys
 import time
 
 import chex
@@ -212,3 +215,32 @@ def test_auto_falls_back_to_xla_with_one_warning_and_onednn_raises(monkeypatch, 
         shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, "onednn")
     with pytest.raises(ValueError, match="cpu_convolutions='mkl'"):
         shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, "mkl")
+
+
+@needs_onednn
+@pytest.mark.parametrize("user_policy", [None, "ACTIVE"])
+def test_openmp_threads_sleep_between_convolutions_unless_the_user_says(user_policy):
+    """oneDNN's GNU OpenMP threads are loaded with ``OMP_WAIT_POLICY=PASSIVE`` (they sleep
+    after each convolution instead of spinning on the cores XLA's threads need), unless the
+    user set a policy; the process's environment is left as it was."""
+    code = (
+        "import os; from alexnet_jax import onednn; assert onednn.available('onednn');"
+        "print('AFTER', os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(OMP_DISPLAY_ENV="VERBOSE", JAX_PLATFORMS="cpu")  # libgomp prints its settings
+    if user_policy:
+        env["OMP_WAIT_POLICY"] = user_policy
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # GNU OpenMP's display reads "PASSIVE" when no policy is set too; the spin count tells
+    # (300,000 spins by default, none when passive, more when active)
+    spins = re.search(r"GOMP_SPINCOUNT = '(\d+)'", result.stderr)
+    assert spins, result.stderr[-2000:]
+    if user_policy is None:
+        assert "OMP_WAIT_POLICY = 'PASSIVE'" in result.stderr and spins[1] == "0"
+    else:
+        assert "OMP_WAIT_POLICY = 'ACTIVE'" in result.stderr and int(spins[1]) > 300_000
+    assert f"AFTER {user_policy}" in result.stdout

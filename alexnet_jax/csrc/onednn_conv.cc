@@ -163,17 +163,19 @@ ffi::Error Convolve(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
     }
     auto& engine = Engine();
     dnnl::stream stream(engine);
-    std::vector<uint8_t> scratch(plan->scratchpad.get_size());
-    memory scratchpad(plan->scratchpad, engine, scratch.data());
-    std::vector<uint8_t> reordered;
+    // Work space of this call alone (concurrent calls share plans, not buffers), left
+    // uninitialized: oneDNN writes before it reads.
+    std::unique_ptr<uint8_t[]> scratch(new uint8_t[plan->scratchpad.get_size()]);
+    memory scratchpad(plan->scratchpad, engine, scratch.get());
+    std::unique_ptr<uint8_t[]> reordered;
     if (pass == 2) {
       memory x(plan->image, engine, a.untyped_data());
       memory dy(plan->output, engine, b.untyped_data());
       memory user_dk(plan->user_kernel, engine, out->untyped_data());
       memory dk = user_dk;
       if (plan->kernel != plan->user_kernel) {
-        reordered.resize(plan->kernel.get_size());
-        dk = memory(plan->kernel, engine, reordered.data());
+        reordered.reset(new uint8_t[plan->kernel.get_size()]);
+        dk = memory(plan->kernel, engine, reordered.get());
       }
       plan->primitive.execute(stream, {{DNNL_ARG_SRC, x},
                                        {DNNL_ARG_DIFF_DST, dy},
@@ -184,8 +186,8 @@ ffi::Error Convolve(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
       memory user_kernel(plan->user_kernel, engine, b.untyped_data());
       memory kernel = user_kernel;
       if (plan->kernel != plan->user_kernel) {
-        reordered.resize(plan->kernel.get_size());
-        kernel = memory(plan->kernel, engine, reordered.data());
+        reordered.reset(new uint8_t[plan->kernel.get_size()]);
+        kernel = memory(plan->kernel, engine, reordered.get());
         plan->to_primitive.execute(stream, user_kernel, kernel);
       }
       if (pass == 0) {
