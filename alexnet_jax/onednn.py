@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import jaxlib
 
 from alexnet_jax.errors import UserError
+from alexnet_jax.files import atomic_write
 
 MODES = ("auto", "onednn", "xla")
 TARGET = "alexnet_jax_onednn_conv"
@@ -116,7 +117,7 @@ def build(out_dir: str | None = None) -> str:
     ).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     path = os.path.join(out_dir, f"onednn_conv-{fingerprint}.so")
-    if os.path.isfile(path):
+    if _intact(path):
         return path
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -136,8 +137,22 @@ def build(out_dir: str | None = None) -> str:
         os.unlink(probe.name)
         tail = "\n".join(result.stderr.strip().splitlines()[-15:])
         raise OnednnUnavailable(f"building {SOURCE} failed ({' '.join(command)}):\n{tail}")
+    with open(probe.name, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
     os.replace(probe.name, path)  # atomic: concurrent builders each leave a whole file
+    atomic_write(path + ".sha256", digest)  # then its digest: a build without one is redone
     return path
+
+
+def _intact(path: str) -> bool:
+    """Whether ``path`` is a whole build: its bytes match the digest written after it. A
+    cached file cut short or overwritten (a full disk, a copied cache) would crash the
+    process that loads it (SIGBUS), so it is built again instead."""
+    try:
+        with open(path, "rb") as f, open(path + ".sha256") as digest:
+            return hashlib.sha256(f.read()).hexdigest() == digest.read().strip()
+    except OSError:
+        return False
 
 
 @functools.cache

@@ -173,7 +173,9 @@ def test_the_build_is_cached_and_reused(tmp_path):
     assert onednn.build(str(tmp_path)) == path
     assert time.perf_counter() - start < 1.0  # found, not compiled again
     assert os.stat(path).st_mtime_ns == built
-    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [os.path.basename(path), os.path.basename(path) + ".sha256"]
+    )
 
 
 def test_missing_onednn_or_compiler_is_named(tmp_path, monkeypatch):
@@ -244,3 +246,21 @@ def test_openmp_threads_sleep_between_convolutions_unless_the_user_says(user_pol
     else:
         assert "OMP_WAIT_POLICY = 'ACTIVE'" in result.stderr and int(spins[1]) > 300_000
     assert f"AFTER {user_policy}" in result.stdout
+
+
+@needs_onednn
+def test_a_damaged_cached_build_is_built_again(tmp_path):
+    """A cached handler cut short (a full disk, a copied cache) is built again before it is
+    loaded: loading it would kill the process (SIGBUS)."""
+    env = dict(os.environ, ALEXNET_JAX_CACHE=str(tmp_path), JAX_PLATFORMS="cpu")
+    code = "from alexnet_jax import onednn; print(onednn.build())"
+    path = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, check=True).stdout.strip()  # fmt: skip
+    whole = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(whole[: len(whole) // 3])
+    code = "from alexnet_jax import onednn; assert onednn.available('onednn');print(onednn.build())"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == path and os.path.getsize(path) == len(whole)
