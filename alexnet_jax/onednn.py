@@ -11,7 +11,10 @@ The handler (``csrc/onednn_conv.cc``) is compiled on first use with the machine'
 compiler (``$CXX``, else ``c++``) against the jaxlib headers and the oneDNN the
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` packages install (or ``$DNNLROOT``), and
 kept in ``$ALEXNET_JAX_CACHE`` (default ``~/.cache/alexnet_jax``) under a name that changes
-with the source, jaxlib and oneDNN; later processes load it in milliseconds.
+with the source, jaxlib and oneDNN, beside its SHA-256 (a file that does not match is built
+again); later processes load it in milliseconds. oneDNN's GNU OpenMP threads are loaded to
+sleep between convolutions (``OMP_WAIT_POLICY=PASSIVE``, unless the user set a policy), so
+they leave the cores to XLA's threads between them.
 
 ``config.cpu_convolutions`` chooses (``layers.Conv``'s ``cpu_convolutions``):
 
