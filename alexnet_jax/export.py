@@ -47,7 +47,7 @@ def serving_function(
     """``(serve(params, images) -> probabilities, params, input (R, R, C), step)`` for a run's
     checkpoint. ``serve`` uses XLA's own convolutions (``config.cpu_convolutions="xla"``): a
     oneDNN custom call would not serialize."""
-    config = ml_collections.ConfigDict(config.to_dict())
+    config = config.copy_and_resolve_references()
     config.cpu_convolutions = "xla"
     if config.dataset in ("digits", "synthetic"):
         raise ConfigError(

@@ -15,7 +15,6 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <tuple>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -124,7 +123,7 @@ ffi::Error Convolve(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
                     int64_t pass, int64_t stride_h, int64_t stride_w, int64_t pad_top,
                     int64_t pad_bottom, int64_t pad_left, int64_t pad_right, int64_t groups) {
   if (pass < 0 || pass > 2) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "pass must be 0, 1 or 2");
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "attribute which must be 0, 1 or 2");
   }
   if (a.dimensions().size() != 4 || b.dimensions().size() != 4 ||
       out->dimensions().size() != 4 || groups < 1) {
