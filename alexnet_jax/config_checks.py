@@ -14,7 +14,7 @@ from alexnet_jax.distributed import MODES as DISTRIBUTED
 from alexnet_jax.errors import ConfigError
 from alexnet_jax.host_memory import MODES as HOST_MEMORY
 from alexnet_jax.normalization import NORMALIZATIONS
-from alexnet_jax.onednn import MODES as CPU_CONVOLUTIONS
+from alexnet_jax.onednn import MODES as CPU_KERNELS
 from alexnet_jax.vgg import VGG11_ARCH
 
 
@@ -129,10 +129,11 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
         c.distributed in DISTRIBUTED,
         f"config.distributed={c.distributed!r}: choose one of {DISTRIBUTED}",
     )
-    _require(
-        c.cpu_convolutions in CPU_CONVOLUTIONS,
-        f"config.cpu_convolutions={c.cpu_convolutions!r}: choose one of {CPU_CONVOLUTIONS}",
-    )
+    for field in ("cpu_convolutions", "cpu_matmuls"):
+        _require(
+            c[field] in CPU_KERNELS,
+            f"config.{field}={c[field]!r}: choose one of {CPU_KERNELS}",
+        )
     _require(
         c.host_memory in HOST_MEMORY,
         f"config.host_memory={c.host_memory!r}: choose one of {HOST_MEMORY}",

@@ -87,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
     # (auto: where a C++ compiler and oneDNN are found, else XLA's; onednn: required; xla:
     # XLA's own). GPUs run cuDNN's either way. See alexnet_jax/onednn.py.
     config.cpu_convolutions = "auto"
+    # auto | onednn | xla: the same for the dense layers' products (oneDNN's matmul, as
+    # PyTorch's linear layers run on the CPU). GPUs run cuBLAS's either way.
+    config.cpu_matmuls = "auto"
     # auto | reuse | system: keep the host memory a CPU step frees for the next step (glibc;
     # auto: on CPU-only installations). See alexnet_jax/host_memory.py.
     config.host_memory = "auto"

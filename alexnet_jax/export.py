@@ -45,10 +45,11 @@ def serving_function(
     config: ml_collections.ConfigDict, workdir: str, which: str | int = "best"
 ) -> tuple[Callable, dict, tuple[int, int, int], int]:
     """``(serve(params, images) -> probabilities, params, input (R, R, C), step)`` for a run's
-    checkpoint. ``serve`` uses XLA's own convolutions (``config.cpu_convolutions="xla"``): a
-    oneDNN custom call would not serialize."""
+    checkpoint. ``serve`` uses XLA's own convolutions and products
+    (``config.cpu_convolutions`` and ``config.cpu_matmuls`` ``"xla"``): a oneDNN custom call
+    would not serialize."""
     config = config.copy_and_resolve_references()
-    config.cpu_convolutions = "xla"
+    config.cpu_convolutions = config.cpu_matmuls = "xla"
     if config.dataset in ("digits", "synthetic"):
         raise ConfigError(
             f"config.dataset={config.dataset!r}: a model trained on {config.dataset} takes no "

@@ -25,14 +25,16 @@ speed, chiefly on the CPU (``benchmarks/README.md`` has the measurements):
   backward rounds the cotangent to the operands' dtype first, as mixed-precision training
   does. Float32 operands take the plain product.
 - ``Dense``: ``flax.linen.Dense``'s parameters and result, with that product, whose kernel
-  gradient stays in float32 (the update's dtype) instead of being rounded to bfloat16; in
-  float32, batches of few rows multiply in a form that keeps the product on Eigen.
+  gradient stays in float32 (the update's dtype) instead of being rounded to bfloat16; on
+  the CPU its products run on oneDNN (``onednn.matmul``, ``cpu_matmuls``) where it can be
+  built; otherwise, in float32, batches of few rows multiply in a form that keeps the
+  product on Eigen.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +43,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from alexnet_jax import onednn
 from alexnet_jax.shifted_conv import conv2d
 
 
@@ -219,33 +222,80 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 class Dense(nn.Module):
     """``flax.linen.Dense`` on (batch, features) inputs: the same parameters (``kernel``,
-    ``bias``, float32) and, in float32, the same computation (for at most ``FEW_ROWS`` rows
-    on the CPU, the same product in another form: ``_few_rows_matmul``). With a bfloat16 (or
-    float16) ``dtype`` the product accumulates in float32 (as ``mixed_dot_general``) and the
-    kernel's gradient stays in float32: ``flax.linen.Dense`` casts the kernel before the
-    product, so its gradient is rounded to bfloat16 and widened again for the update, two
-    passes over the largest tensors of the network (fc6's 38 M weights) and a rounding the
-    update does not need."""
+    ``bias``, float32) and, in float32, the same computation. With a bfloat16 (or float16)
+    ``dtype`` the product accumulates in float32 (as ``mixed_dot_general``) and the kernel's
+    gradient stays in float32: ``flax.linen.Dense`` casts the kernel before the product, so
+    its gradient is rounded to bfloat16 and widened again for the update, two passes over
+    the largest tensors of the network (fc6's 38 M weights) and a rounding the update does
+    not need.
+
+    On the CPU the products run on oneDNN (``onednn.matmul``) where ``cpu_matmuls``
+    (``config.cpu_matmuls``: auto | onednn | xla) allows it and the handler can be built;
+    otherwise on XLA's (for float32 batches of at most ``FEW_ROWS`` rows, the same product
+    in another form: ``_few_rows_matmul``). Other platforms take ``lax.dot_general``."""
 
     features: int
     dtype: Any = None
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    cpu_matmuls: str = "auto"  # auto | onednn | xla: see alexnet_jax/onednn.py
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 2:
             raise ValueError(f"Dense expects (batch, features) inputs, got shape {x.shape}")
+        if self.has_variable("params", PACKED_KERNEL):  # pack_dense_kernels: inference only
+            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            packed = self.get_variable("params", PACKED_KERNEL)
+            dtype = jnp.dtype(self.dtype or jnp.result_type(x.dtype, jnp.float32))
+            if packed.dtype != dtype:
+                raise ValueError(
+                    f"{self.name}: a kernel packed in {packed.dtype} cannot compute in {dtype}: "
+                    "cast the parameters before packing them (steps.inference_state)"
+                )
+            y = onednn.packed_matmul(x.astype(dtype), packed, self.features)
+            return y + bias.astype(dtype).reshape(1, -1)
+        # the kernel first, then the bias: flax.linen.Dense's order, so the same initial values
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         x, narrow_kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if x.dtype in (jnp.bfloat16, jnp.float16):
-            y = _mixed_matmul(x, kernel)  # the float32 kernel: its gradient stays float32
+            xla = _mixed_matmul  # the float32 kernel: its gradient stays float32
         elif isinstance(x.shape[0], int) and x.shape[0] <= FEW_ROWS:  # not symbolic (export)
-            y = _few_rows_matmul(x, narrow_kernel)
+            kernel, xla = narrow_kernel, _few_rows_matmul
         else:
-            y = _plain_matmul(x, narrow_kernel)
+            kernel, xla = narrow_kernel, _plain_matmul
+        if onednn.takes_matmul(self.cpu_matmuls, x, kernel):
+            y = lax.platform_dependent(x, kernel, cpu=onednn.matmul, default=xla)
+        else:
+            y = xla(x, kernel)
         return y + bias.reshape(1, -1)
+
+
+# Where `pack_dense_kernels` puts a Dense layer's kernel, packed for oneDNN.
+PACKED_KERNEL = "kernel_onednn"
+
+
+def pack_dense_kernels(params: Any, cpu_matmuls: str = "auto") -> Any:
+    """``params`` for inference: each ``Dense`` layer's kernel (a 2-D ``kernel`` beside a
+    ``bias``) packed once into oneDNN's layout (``onednn.pack``) under ``PACKED_KERNEL``,
+    where ``cpu_matmuls`` allows it and the handler can be built on this CPU; the tree as it
+    is otherwise. The packed tree computes the same outputs (the same products, read from
+    another layout) but has no gradient: evaluation only, not the train state. The networks
+    here have 2-D kernels in ``Dense`` layers alone (``flax.linen.Dense`` does not read packed
+    kernels: pack AlexNet's)."""
+    if not isinstance(params, Mapping):
+        return params
+    kernel, bias = params.get("kernel"), params.get("bias")
+    dense = getattr(kernel, "ndim", 0) == 2 and getattr(bias, "ndim", 0) == 1
+    if dense and onednn.takes_packing(cpu_matmuls, kernel):
+        packed = {k: v for k, v in params.items() if k != "kernel"}
+        packed[PACKED_KERNEL] = onednn.pack(kernel)
+        return type(params)(packed)
+    children = {k: pack_dense_kernels(v, cpu_matmuls) for k, v in params.items()}
+    if all(children[k] is v for k, v in params.items()):
+        return params  # nothing packed: the same tree
+    return type(params)(children)
 
 
 # A batch of at most this many rows takes `_few_rows_matmul` (float32 dense layers).

@@ -232,6 +232,7 @@ class AlexNet(nn.Module):
       cpu_convolutions: "auto" (oneDNN's convolutions on the CPU where they can be built),
         "onednn" (required) or "xla" (XLA's own: exportable); see ``alexnet_jax/onednn.py``.
         The same parameters and, within rounding, the same results either way.
+      cpu_matmuls: the same choice for the dense layers' products (``layers.Dense``).
     """
 
     num_classes: int = 1000
@@ -248,6 +249,7 @@ class AlexNet(nn.Module):
     lrn_beta: float = 0.75
     width_divisor: int = 1
     cpu_convolutions: str = "auto"
+    cpu_matmuls: str = "auto"
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -294,7 +296,9 @@ class AlexNet(nn.Module):
         if spec.adaptive_pool:
             x = _adaptive_avg_pool(x, spec.adaptive_pool)  # torchvision: (N, 6, 6, 256)
         x = x.reshape((x.shape[0], -1))  # NHWC flattening: (N, 6 * 6 * 256) at 227 / 224
-        dense = functools.partial(Dense, dtype=self.dtype, kernel_init=kernel_init)
+        dense = functools.partial(
+            Dense, dtype=self.dtype, kernel_init=kernel_init, cpu_matmuls=self.cpu_matmuls
+        )
         for index, features in enumerate(fc_widths):
             name = f"fc{index + 6}"
             if spec.dropout_before_fc:
@@ -351,10 +355,12 @@ def create_model(
     num_classes: int,
     dtype: Any = jnp.float32,
     cpu_convolutions: str = "auto",
+    cpu_matmuls: str = "auto",
 ) -> nn.Module:
     """The network ``config.model`` names (``name``: alexnet | vgg11), with its fields;
-    ``cpu_convolutions`` (``config.cpu_convolutions``) is AlexNet's (VGG-11 convolves with
-    ``flax.linen.Conv``)."""
+    ``cpu_convolutions`` and ``cpu_matmuls`` (``config.cpu_convolutions``,
+    ``config.cpu_matmuls``) are AlexNet's (VGG-11 computes with ``flax.linen.Conv`` and
+    ``Dense``)."""
     m = model_config
     if m.name == "alexnet":
         return AlexNet(
@@ -372,6 +378,7 @@ def create_model(
             lrn_beta=m.lrn_beta,
             width_divisor=m.width_divisor,
             cpu_convolutions=cpu_convolutions,
+            cpu_matmuls=cpu_matmuls,
         )
     if m.name == "vgg11":
         return VGG(

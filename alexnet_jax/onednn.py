@@ -1,31 +1,36 @@
-"""oneDNN's convolutions on the CPU, called from XLA through an FFI handler.
+"""oneDNN's convolutions and matrix products on the CPU, called from XLA through FFI handlers.
 
 XLA:CPU (jax 0.10-0.11) runs convolutions on Eigen's kernels, and bfloat16 ones in float32;
 PyTorch runs them on oneDNN's, with AVX-512 and AVX512-BF16 (or AMX) where the CPU has them.
 ``conv2d`` hands each pass of a convolution (forward, input gradient, kernel gradient) to
 oneDNN instead: the same kernels PyTorch's ``channels_last`` convolutions run, on our NHWC
 images, with the kernel reordered into oneDNN's layout at each call (as PyTorch's eager mode
-does). ``benchmarks/README.md`` has the measurements.
+does). ``matmul`` does the same for the dense layers' products, which XLA:CPU hands to
+YNNPACK or Eigen: oneDNN's matmul, as PyTorch's ``linear`` runs, reads the operands where
+they lie (the gradients' transposes included) and writes a float32 kernel gradient of
+bfloat16 operands without rounding it. ``benchmarks/README.md`` has the measurements.
 
-The handler (``csrc/onednn_conv.cc``) is compiled on first use with the machine's C++
+The handlers (``csrc/onednn.cc``) are compiled on first use with the machine's C++
 compiler (``$CXX``, else ``c++``) against the jaxlib headers and the oneDNN the
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` packages install (or ``$DNNLROOT``), and
 kept in ``$ALEXNET_JAX_CACHE`` (default ``~/.cache/alexnet_jax``) under a name that changes
 with the source, jaxlib and oneDNN, beside its SHA-256 (a file that does not match is built
 again); later processes load it in milliseconds. oneDNN's GNU OpenMP threads are loaded to
-sleep between convolutions (``OMP_WAIT_POLICY=PASSIVE``, unless the user set a policy), so
-they leave the cores to XLA's threads between them.
+sleep between calls (``OMP_WAIT_POLICY=PASSIVE``, unless the user set a policy), so they
+leave the cores to XLA's threads between them.
 
-``config.cpu_convolutions`` chooses (``layers.Conv``'s ``cpu_convolutions``):
+``config.cpu_convolutions`` (``layers.Conv``'s ``cpu_convolutions``) and
+``config.cpu_matmuls`` (``layers.Dense``'s ``cpu_matmuls``) each choose:
 
 - ``auto``: oneDNN where it can be built and loaded, on a machine whose default JAX backend
-  is the CPU; otherwise XLA's convolutions, with one warning that says why.
+  is the CPU; otherwise XLA's own, with one warning that says why.
 - ``onednn``: the same, but a handler that cannot be built is an error.
 - ``xla``: never; only XLA's own operations. ``python -m alexnet_jax.export`` uses this: a
   custom call cannot be serialized to StableHLO, a SavedModel or ONNX.
 
 The choice is made per platform when a program is lowered (``lax.platform_dependent``): a
-program lowered for a GPU runs ``lax.conv_general_dilated`` (cuDNN) and holds no custom call.
+program lowered for a GPU runs ``lax.conv_general_dilated`` (cuDNN) and ``lax.dot_general``
+(cuBLAS) and holds no custom call.
 """
 
 from __future__ import annotations
@@ -52,7 +57,10 @@ from alexnet_jax.files import atomic_write
 
 MODES = ("auto", "onednn", "xla")
 TARGET = "alexnet_jax_onednn_conv"
-SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "onednn_conv.cc")
+MATMUL_TARGET = "alexnet_jax_onednn_matmul"
+PACK_TARGET = "alexnet_jax_onednn_pack"
+PACKED_MATMUL_TARGET = "alexnet_jax_onednn_packed_matmul"
+SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "onednn.cc")
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +101,14 @@ def find_onednn() -> tuple[str, str]:
 
 
 def build(out_dir: str | None = None) -> str:
-    """The handler's shared library for this source, jaxlib and oneDNN: compiled once into
+    """The handlers' shared library for this source, jaxlib and oneDNN: compiled once into
     ``out_dir`` (default ``cache_dir()``), atomically, and reused after."""
     include, library = find_onednn()
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise OnednnUnavailable(
             f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} is not on PATH; set CXX or "
-            "install g++) to build oneDNN's convolution handler"
+            "install g++) to build oneDNN's handlers"
         )
     with open(SOURCE, "rb") as f:
         source = f.read()
@@ -119,7 +127,7 @@ def build(out_dir: str | None = None) -> str:
         )
     ).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
-    path = os.path.join(out_dir, f"onednn_conv-{fingerprint}.so")
+    path = os.path.join(out_dir, f"onednn-{fingerprint}.so")
     if _intact(path):
         return path
     try:
@@ -159,10 +167,9 @@ def _intact(path: str) -> bool:
 
 
 @functools.cache
-def _load() -> bool:
-    """Builds (once per machine) and loads the handler, registering it with XLA for the CPU;
-    whether oneDNN has a bfloat16 convolution kernel for this CPU (not its reference loops).
-    Raises ``OnednnUnavailable`` (again on each call: the failure is not cached)."""
+def _library() -> ctypes.CDLL:
+    """Builds (once per machine) and loads the handlers, registering them with XLA for the
+    CPU. Raises ``OnednnUnavailable`` (again on each call: the failure is not cached)."""
     path = build()
     # GNU OpenMP reads its settings once, when it is loaded (here, with oneDNN, unless another
     # library loaded it first). By default its threads spin after each parallel region, on
@@ -180,20 +187,39 @@ def _load() -> bool:
     finally:
         if passive:
             del os.environ["OMP_WAIT_POLICY"]
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.AlexnetOnednnConv), "cpu")
-    return bool(library.AlexnetOnednnFastBf16())
+    handlers = {
+        TARGET: library.AlexnetOnednnConv,
+        MATMUL_TARGET: library.AlexnetOnednnMatmul,
+        PACK_TARGET: library.AlexnetOnednnPack,
+        PACKED_MATMUL_TARGET: library.AlexnetOnednnPackedMatmul,
+    }
+    for name, handler in handlers.items():
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handler), "cpu")
+    library.AlexnetOnednnPackedBytes.restype = ctypes.c_int64
+    library.AlexnetOnednnPackedBytes.argtypes = [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return library
+
+
+@functools.cache
+def _load() -> bool:
+    """``_library()``, then whether oneDNN has bfloat16 convolution and matmul kernels for
+    this CPU (not its reference loops)."""
+    return bool(_library().AlexnetOnednnFastBf16())
 
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    log.warning("oneDNN convolutions are unavailable, XLA's are used (slower): %s", reason)
+    log.warning(
+        "oneDNN's convolutions and products are unavailable, XLA's are used (slower): %s", reason
+    )
 
 
 def available(mode: str = "onednn") -> bool:
-    """Whether the handler is built and loaded (building it on first use) under ``mode``
-    (``config.cpu_convolutions``), on a machine whose default backend is the CPU. With
-    ``onednn`` a handler that cannot be built raises ``OnednnUnavailable``; with ``auto`` it
-    is one logged warning and ``False``; ``xla`` is always ``False``."""
+    """Whether the handlers are built and loaded (building them on first use) under ``mode``
+    (``config.cpu_convolutions`` or ``config.cpu_matmuls``), on a machine whose default
+    backend is the CPU. With ``onednn`` a handler that cannot be built raises
+    ``OnednnUnavailable``; with ``auto`` it is one logged warning and ``False``; ``xla`` is
+    always ``False``."""
     if mode not in MODES:
         raise ValueError(f"cpu_convolutions={mode!r}: choose one of {MODES}")
     if mode == "xla" or jax.default_backend() != "cpu":
@@ -294,3 +320,103 @@ def _backward(strides, padding, groups, residuals, g):
 
 
 conv2d.defvjp(_forward, _backward)
+
+
+def takes_matmul(mode: str, x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether ``matmul`` should run ``x @ kernel`` on the CPU under ``mode``: the handler is
+    ``available``, ``x`` is ``(rows, K)`` and ``kernel`` ``(K, features)``, none of them 0,
+    and ``x`` is float32 with a float32 kernel or (where oneDNN has a bfloat16 kernel for this
+    CPU) bfloat16 with a float32 or bfloat16 one."""
+    shaped = (
+        x.ndim == 2
+        and kernel.ndim == 2
+        and x.shape[1] == kernel.shape[0]
+        and all(isinstance(d, int) and d > 0 for d in (*x.shape, kernel.shape[1]))
+        and (
+            (x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
+            or (x.dtype == jnp.bfloat16 and kernel.dtype in (jnp.float32, jnp.bfloat16))
+        )
+    )
+    if not shaped or not available(mode):
+        return False
+    return x.dtype == jnp.float32 or _load()
+
+
+def _multiply(a, b, result_dtype, transpose_a=False, transpose_b=False):
+    """``op(a) @ op(b)`` on oneDNN, ``op`` transposing where asked; the result in
+    ``result_dtype``."""
+    rows = a.shape[1] if transpose_a else a.shape[0]
+    columns = b.shape[0] if transpose_b else b.shape[1]
+    result = jax.ShapeDtypeStruct((rows, columns), result_dtype)
+    return jax.ffi.ffi_call(MATMUL_TARGET, result, vmap_method="sequential")(
+        a, b, transpose_a=int(transpose_a), transpose_b=int(transpose_b)
+    )
+
+
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` on oneDNN, in ``x``'s dtype: a float32 kernel for bfloat16 ``x`` is
+    rounded to bfloat16 first, and the product accumulates in float32. The kernel's gradient
+    comes back in the kernel's own dtype (for a float32 kernel, unrounded), the input's in
+    ``x``'s. Needs the handler loaded first (``takes_matmul``); lowers for the CPU only."""
+    return _matmul_forward(x, kernel)[0]
+
+
+def _matmul_forward(x, kernel):
+    narrow = kernel.astype(x.dtype)
+    # The last residual carries only the kernel's dtype.
+    return _multiply(x, narrow, x.dtype), (x, narrow, jnp.zeros((0,), kernel.dtype))
+
+
+def _matmul_backward(residuals, g):
+    x, narrow, kernel_dtype = residuals
+    g = g.astype(x.dtype)
+    dx = _multiply(g, narrow, x.dtype, transpose_b=True)  # g @ kernel.T
+    dkernel = _multiply(x, g, kernel_dtype.dtype, transpose_a=True)  # x.T @ g
+    return dx, dkernel
+
+
+matmul.defvjp(_matmul_forward, _matmul_backward)
+
+
+# Packed kernels are laid out for products of this many rows; oneDNN's optimized kernels
+# take the same layout for other row counts (else ``packed_matmul`` reorders at each call).
+PACK_ROWS = 32
+
+
+def takes_packing(mode: str, kernel: jax.Array) -> bool:
+    """Whether ``pack`` should pack ``kernel`` for inference under ``mode``: a concrete 2-D
+    float32 or (where oneDNN has a bfloat16 kernel for this CPU) bfloat16 array, on a machine
+    where the handler is ``available``."""
+    shaped = (
+        kernel.ndim == 2
+        and all(isinstance(d, int) and d > 0 for d in kernel.shape)
+        and kernel.dtype in (jnp.float32, jnp.bfloat16)
+    )
+    if not shaped or not available(mode):
+        return False
+    return kernel.dtype == jnp.float32 or _load()
+
+
+@jax.jit
+def pack(kernel: jax.Array) -> jax.Array:
+    """A ``(K, N)`` kernel in the layout oneDNN's matmul reads fastest, for inference: a flat
+    array of the kernel's dtype that only ``packed_matmul`` reads (PyTorch's frozen
+    inference prepacks its weights likewise). Needs ``takes_packing``; runs on the CPU."""
+    k, n = kernel.shape
+    size = _library().AlexnetOnednnPackedBytes(PACK_ROWS, k, n, int(kernel.dtype == jnp.bfloat16))
+    if size <= 0:
+        raise OnednnUnavailable(f"oneDNN cannot pack a {kernel.dtype} kernel of shape {(k, n)}")
+    result = jax.ShapeDtypeStruct((size // kernel.dtype.itemsize,), kernel.dtype)
+    return jax.ffi.ffi_call(PACK_TARGET, result)(kernel, rows=PACK_ROWS)
+
+
+def packed_matmul(x: jax.Array, packed: jax.Array, features: int) -> jax.Array:
+    """``x @ kernel`` for ``packed = pack(kernel)`` of a ``(x.shape[1], features)`` kernel, in
+    the packed kernel's dtype (``x`` is cast to it). Inference only: it has no gradient.
+    Lowers for the CPU only."""
+    x = x.astype(packed.dtype)
+    result = jax.ShapeDtypeStruct((x.shape[0], features), packed.dtype)
+    return jax.ffi.ffi_call(PACKED_MATMUL_TARGET, result, vmap_method="sequential")(
+        x, packed, rows=PACK_ROWS, features=features
+    )

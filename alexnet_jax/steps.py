@@ -27,7 +27,7 @@ from flax import struct
 from jax import lax
 
 from alexnet_jax import optim
-from alexnet_jax.layers import column_sums
+from alexnet_jax.layers import column_sums, pack_dense_kernels
 from alexnet_jax.model import create_model as create_network
 from alexnet_jax.normalization import Normalizer
 
@@ -61,9 +61,12 @@ class TrainState(struct.PyTreeNode):
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """The network of ``config.model``, computing in bfloat16 if ``config.half_precision``,
-    convolving on the CPU as ``config.cpu_convolutions`` says."""
+    convolving and multiplying on the CPU as ``config.cpu_convolutions`` and
+    ``config.cpu_matmuls`` say."""
     dtype = jnp.bfloat16 if config.half_precision else jnp.float32
-    return create_network(config.model, num_classes, dtype, config.cpu_convolutions)
+    return create_network(
+        config.model, num_classes, dtype, config.cpu_convolutions, config.cpu_matmuls
+    )
 
 
 def create_train_state(
@@ -244,22 +247,30 @@ def eval_step(
 
 
 def inference_state(state: TrainState, config: ml_collections.ConfigDict) -> TrainState:
-    """``state`` with its floating-point parameters cast once to bfloat16 under
-    ``config.half_precision``, for evaluation steps; ``state`` itself otherwise.
+    """``state`` for evaluation steps: its floating-point parameters cast once to bfloat16
+    under ``config.half_precision``, and on the CPU AlexNet's dense kernels packed once for
+    oneDNN (``layers.pack_dense_kernels``, where ``config.cpu_matmuls`` allows it).
 
     The train step keeps float32 parameters for the update, so each layer casts its own to
     bfloat16 at every call: an evaluation pass then converts every weight (fc6's 38 M among
     them) at every batch. Every layer of the networks here casts all of its parameters to
     the computation dtype, so parameters cast once give the same outputs bit for bit, and the
-    products read half the bytes: PyTorch's frozen inference prepacks its weights likewise.
-    Cast it once per evaluation pass, not per batch."""
-    if not config.half_precision:
-        return state
+    products read half the bytes. oneDNN's products likewise rearrange a kernel at every call
+    into the layout they read fastest; packed once, they read it as it is: PyTorch's frozen
+    inference prepacks its weights likewise. The packed state has no gradient. Make it once
+    per evaluation pass, not per batch."""
+    params = state.params
+    if config.half_precision:
 
-    def narrow(leaf):
-        return leaf.astype(jnp.bfloat16) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+        def narrow(leaf):
+            if jnp.issubdtype(leaf.dtype, jnp.floating):
+                return leaf.astype(jnp.bfloat16)
+            return leaf
 
-    return state.replace(params=jax.tree_util.tree_map(narrow, state.params))
+        params = jax.tree_util.tree_map(narrow, params)
+    if config.model.name == "alexnet":
+        params = pack_dense_kernels(params, config.cpu_matmuls)
+    return state if params is state.params else state.replace(params=params)
 
 
 def predict_probabilities(state: TrainState, images: jax.Array, *, normalize: Normalizer):

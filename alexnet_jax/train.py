@@ -67,11 +67,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )  # fmt: skip
     logging.info("Config:\n%s", config)
     if jax.default_backend() == "cpu":
-        try:  # built here (once per machine), before the steps compile around it
-            on_onednn = onednn.available(config.cpu_convolutions)
-        except onednn.OnednnUnavailable as e:
-            raise ConfigError(f"config.cpu_convolutions='onednn': {e}") from e
-        logging.info("CPU convolutions: %s", "oneDNN's" if on_onednn else "XLA's")
+        kernels = (("cpu_convolutions", "convolutions"), ("cpu_matmuls", "dense products"))
+        for field, what in kernels:
+            try:  # built here (once per machine), before the steps compile around it
+                on_onednn = onednn.available(config[field])
+            except onednn.OnednnUnavailable as e:
+                raise ConfigError(f"config.{field}='onednn': {e}") from e
+            logging.info("CPU %s: %s", what, "oneDNN's" if on_onednn else "XLA's")
     if is_main:
         write_run_files(workdir, config, dataset.class_names)
 

@@ -375,7 +375,7 @@ def test_the_comparison_reports_every_mode_the_peak_and_the_ratio(capsys):
     assert summary["torch_settings"] == {"optimizer": "SGD(fused=True)"}  # no GPU flags here
     # on the CPU: whose convolutions our steps ran (config.cpu_convolutions="auto")
     expected = "onednn" if onednn.available("auto") else "xla"
-    assert summary["jax_settings"] == {"cpu_convolutions": expected}
+    assert summary["jax_settings"] == {"cpu_convolutions": expected, "cpu_matmuls": expected}
     best = max(("torch_eager", "torch_compile+autotune"), key=result["train_img_s"].get)
     assert result["best_torch_train"] == best
     # The figures are rounded to 0.01 images/s (the ratio to 0.001): at this size, under load,
@@ -420,6 +420,9 @@ def test_the_conv_layer_benchmark_times_the_networks_own_layers():
             )
             assert y.shape[-1] == kernel[-1]
             previous = outputs[f"{name}_out"]
+        # the dense layers: the network's own kernels (1,000 classes)
+        for name, inputs, features in conv_layers.dense_shapes(variant):
+            assert variables["params"][name]["kernel"].shape == (inputs, features), name
 
 
 def test_the_conv_layer_benchmark_times_bf16_only_where_it_is_native():
@@ -470,22 +473,24 @@ def test_the_conv_layer_benchmark_runs_and_ends_with_json():
 
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "conv_layers.py"), "--variant",
-         "torchvision", "--batch", "1", "--repeats", "1", "--layers", "conv1,conv3", "--json"],
+         "torchvision", "--batch", "1", "--repeats", "1", "--layers", "conv1,conv3,fc8",
+         "--json"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     table = json.loads(result.stdout.strip().splitlines()[-1])
     native = jax.default_backend() != "cpu" or compare_pytorch.cpu_has_native_bf16()
     assert table["precision"] == ("bf16" if native else "fp32")  # --precision auto
-    assert [row["layer"] for row in table["layers"]] == ["conv1", "conv3"]
+    assert [row["layer"] for row in table["layers"]] == ["conv1", "conv3", "fc8"]
     for row in table["layers"]:
         for runner in ("ours", "xla", "torch"):
             assert row[f"{runner} forward"] > 0 and row[f"{runner} backward"] > 0
+            assert (f"{runner} eval" in row) == (row["layer"] == "fc8")
     bad = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "conv_layers.py"), "--layers", "fc6"],
+        [sys.executable, os.path.join(ROOT, "benchmarks", "conv_layers.py"), "--layers", "fc9"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert bad.returncode == 2 and "--layers 'fc6': choose from conv1" in bad.stderr
+    assert bad.returncode == 2 and "--layers 'fc9': choose from conv1" in bad.stderr
 
 
 @pytest.mark.slow

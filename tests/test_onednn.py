@@ -1,10 +1,12 @@
-"""oneDNN's convolutions on the CPU (``alexnet_jax/onednn.py``) against XLA's own.
+"""oneDNN's convolutions and products on the CPU (``alexnet_jax/onednn.py``) against XLA's own.
 
-The reference is ``lax.conv_general_dilated`` in float32 (on the bfloat16 values, for
-bfloat16): forward and both gradients, every geometry the products' tests cover (strides,
-per-axis and asymmetric padding, groups), in the network and in a train step. Then what a
-user meets around it: the lowering chosen per platform, ``cpu_convolutions="xla"``, ``vmap``,
-the build cache, and the errors when oneDNN or a compiler is missing.
+The convolutions' reference is ``lax.conv_general_dilated`` in float32 (on the bfloat16
+values, for bfloat16): forward and both gradients, every geometry the products' tests cover
+(strides, per-axis and asymmetric padding, groups), in the network and in a train step. Then
+what a user meets around it: the lowering chosen per platform, ``cpu_convolutions="xla"``,
+``vmap``, the build cache, and the errors when oneDNN or a compiler is missing. The dense
+layers' products (``onednn.matmul``) are checked against float64 products, and their packed
+kernels (``onednn.pack``, ``steps.inference_state``) against the unpacked products and XLA's.
 """
 
 import os
@@ -20,7 +22,9 @@ import numpy as np
 import pytest
 from test_shifted_conv import EPS, GEOMETRIES, _relative_error
 
-from alexnet_jax import onednn, shifted_conv
+from alexnet_jax import layers, onednn, shifted_conv, steps
+from alexnet_jax.defaults import default_config
+from alexnet_jax.layers import Dense
 from alexnet_jax.model import AlexNet
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -264,3 +268,152 @@ def test_a_damaged_cached_build_is_built_again(tmp_path):
                             text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == path and os.path.getsize(path) == len(whole)
+
+
+# --- the dense layers' products (onednn.matmul, packed kernels) -------------------------------
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows, depth, features", [(1, 7, 5), (32, 300, 130), (97, 64, 1000)])
+@pytest.mark.parametrize(
+    "dtype, kernel_dtype",
+    [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16)],
+    ids=["float32", "bfloat16-float32-kernel", "bfloat16"],
+)
+def test_products_and_gradients_match_a_float64_reference(
+    rows, depth, features, dtype, kernel_dtype
+):
+    """``x @ kernel`` and both gradients (``g @ kernel.T``, ``x.T @ g``, read transposed in
+    place) against float64 products of the same values: within float32's summation error,
+    or one bfloat16 rounding; the kernel's gradient in the kernel's dtype, unrounded for a
+    float32 kernel. All three products are oneDNN's."""
+    rng = np.random.default_rng(rows)
+    x = jnp.asarray(rng.standard_normal((rows, depth)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((depth, features)) * 0.2, kernel_dtype)
+    assert onednn.takes_matmul("onednn", x, kernel)
+    y, vjp = jax.vjp(jax.jit(onednn.matmul), x, kernel)
+    assert y.dtype == dtype
+    cotangent = jnp.asarray(rng.standard_normal((rows, features)), dtype)
+    d_x, d_kernel = jax.jit(vjp)(cotangent)
+    chex.assert_trees_all_equal_dtypes((d_x, d_kernel), (x, kernel))
+
+    x64 = np.asarray(x, np.float64)
+    k64 = np.asarray(kernel.astype(dtype), np.float64)  # the product's (rounded) kernel
+    g64 = np.asarray(cotangent, np.float64)
+    rounded = 1e-5 if dtype == jnp.float32 else EPS
+    assert _relative_error(y, x64 @ k64) <= rounded
+    assert _relative_error(d_x, g64 @ k64.T) <= rounded
+    kernel_rounding = 1e-5 if kernel_dtype == jnp.float32 else EPS
+    assert _relative_error(d_kernel, x64.T @ g64) <= kernel_rounding
+
+    text = _compiled_text(lambda x, k, g: jax.vjp(onednn.matmul, x, k)[1](g), x, kernel, cotangent)
+    assert text.count(onednn.MATMUL_TARGET) == 2 and " dot(" not in text
+    forward = _compiled_text(onednn.matmul, x, kernel)
+    assert forward.count(onednn.MATMUL_TARGET) == 1
+
+
+@needs_onednn
+def test_dense_xla_mode_and_other_platforms_hold_no_custom_call():
+    """``layers.Dense(cpu_matmuls="xla")`` (exports) lowers to XLA's products alone; lowered
+    for a GPU, ``auto`` is plain ``dot_general``s (cuBLAS), forward and backward."""
+    x = jnp.zeros((4, 24), jnp.float32)
+
+    def grads(mode):
+        dense = Dense(8, cpu_matmuls=mode)
+        variables = dense.init(jax.random.PRNGKey(0), x)
+
+        def loss(variables, x):
+            return jnp.sum(dense.apply(variables, x) ** 2)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1))), variables
+
+    fn, variables = grads("auto")
+    assert onednn.MATMUL_TARGET in fn.lower(variables, x).as_text()
+    fn_xla, _ = grads("xla")
+    assert onednn.MATMUL_TARGET not in fn_xla.lower(variables, x).as_text()
+    gpu = jax.export.export(fn, platforms=["cuda"])(variables, x).mlir_module()
+    assert onednn.MATMUL_TARGET not in gpu and gpu.count("stablehlo.dot_general") >= 3
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_packed_kernels_give_the_unpacked_products(dtype):
+    """A kernel packed once (``onednn.pack``, laid out for ``PACK_ROWS`` rows) multiplies any
+    number of rows as the unpacked product does, its features padded or not; under ``vmap``
+    each example in turn."""
+    rng = np.random.default_rng(3)
+    kernel = jnp.asarray(rng.standard_normal((300, 100)) * 0.2, dtype)
+    assert onednn.takes_packing("onednn", kernel)
+    packed = onednn.pack(kernel)
+    assert packed.ndim == 1 and packed.dtype == dtype and packed.size >= kernel.size
+    for rows in (1, onednn.PACK_ROWS, 320):
+        x = jnp.asarray(rng.standard_normal((rows, 300)), dtype)
+        got = jax.jit(onednn.packed_matmul, static_argnums=2)(x, packed, 100)
+        expected = onednn.matmul(x, kernel)
+        chex.assert_shape(got, (rows, 100))
+        assert got.dtype == dtype
+        assert _relative_error(got, expected) <= (1e-6 if dtype == jnp.float32 else EPS)
+    xs = jnp.asarray(rng.standard_normal((3, 5, 300)), dtype)
+    chex.assert_trees_all_close(
+        jax.vmap(lambda x: onednn.packed_matmul(x, packed, 100))(xs).astype(jnp.float32),
+        jnp.stack([onednn.matmul(x, kernel) for x in xs]).astype(jnp.float32),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+@needs_onednn
+@pytest.mark.parametrize("half_precision", [False, True], ids=["float32", "bfloat16"])
+def test_inference_state_packs_the_dense_kernels_and_keeps_the_logits(half_precision):
+    """``steps.inference_state`` packs AlexNet's fc6-fc8 kernels for oneDNN (on this CPU),
+    and evaluation logits and 10-crop probabilities stay those of XLA's own products; with
+    ``config.cpu_matmuls="xla"`` nothing is packed, and VGG-11 (``flax.linen.Dense``) never."""
+    config = default_config()
+    config.model.variant = "torchvision"
+    config.model.width_divisor = 8
+    config.image_size = 64
+    config.half_precision = half_precision
+    model = steps.create_model(config, 10)
+    state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (64, 64, 3))
+    packed = steps.inference_state(state, config)
+    for name in ("fc6", "fc7", "fc8"):
+        assert set(packed.params[name]) == {"bias", layers.PACKED_KERNEL}
+    images = jax.random.normal(jax.random.PRNGKey(1), (3, 64, 64, 3))
+    plain_config = config.copy_and_resolve_references()
+    plain_config.cpu_matmuls = "xla"
+    plain_model = steps.create_model(plain_config, 10)
+    plain = steps.inference_state(state.replace(apply_fn=plain_model.apply), plain_config)
+    assert "kernel" in plain.params["fc6"]  # not packed
+    got, expected = steps.eval_logits(packed, images), steps.eval_logits(plain, images)
+    tolerance = 1e-5 if not half_precision else 0.02
+    chex.assert_trees_all_close(got, expected, rtol=tolerance, atol=tolerance)
+    crops = images.reshape(1, 3, 64, 64, 3)  # one image's crops, as the 10-crop evaluation
+    chex.assert_trees_all_close(
+        steps.eval_logits(packed, crops), steps.eval_logits(plain, crops), rtol=0.05, atol=0.05
+    )
+    other_dtype = jnp.float32 if half_precision else jnp.bfloat16  # than the packed kernels'
+    with pytest.raises(ValueError, match="cast the parameters before packing"):
+        AlexNet(num_classes=10, variant="torchvision", width_divisor=8,
+                dtype=other_dtype).apply({"params": packed.params}, images)  # fmt: skip
+
+    vgg = _with(config, half_precision=False)
+    vgg.model.name = "vgg11"
+    vgg_state = steps.create_train_state(
+        jax.random.PRNGKey(0), vgg, steps.create_model(vgg, 10), (64, 64, 3)
+    )
+    vgg_params = steps.inference_state(vgg_state, vgg).params
+    assert all(layers.PACKED_KERNEL not in leaf for leaf in _dicts(vgg_params))
+
+
+def _with(config, **fields):
+    config = config.copy_and_resolve_references()
+    for name, value in fields.items():
+        config[name] = value
+    return config
+
+
+def _dicts(tree):
+    if hasattr(tree, "items"):
+        yield tree
+        for value in tree.values():
+            yield from _dicts(value)

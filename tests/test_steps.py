@@ -55,8 +55,9 @@ def test_cpu_steps_hand_many_rowed_dense_products_to_ynnpack_and_few_rowed_ones_
     forward-only ones too: a forward pass over more than ``layers.FEW_ROWS`` images (10-crop
     evaluation, large prediction batches) hands its dense products to YNNPACK, faster there;
     fewer rows take ``layers.Dense``'s few-row form, which YNNPACK does not take. Either way
-    the probabilities equal those compiled without YNNPACK."""
-    config = small_config(**{"model.width_divisor": 4})
+    the probabilities equal those compiled without YNNPACK. (XLA's products,
+    ``config.cpu_matmuls="xla"``: on the CPU oneDNN's are the default, test_onednn.py.)"""
+    config = small_config(cpu_matmuls="xla", **{"model.width_divisor": 4})
     assert steps.compiler_options(config, jax.devices("cpu")) == steps.CPU_COMPILER_OPTIONS
     xla_defaults = small_config(xla_cpu_ynn_fusions=True)
     assert steps.compiler_options(xla_defaults, jax.devices("cpu")) == {}
@@ -89,8 +90,12 @@ def test_half_precision_evaluation_casts_the_parameters_once_with_the_same_outpu
 ):
     """``steps.inference_state``: under ``half_precision`` the parameters come cast to
     bfloat16 (the optimizer state and the rest untouched), and the evaluation step gives the
-    same outputs, bit for bit, as from the float32 parameters it would cast per batch."""
-    config = small_config(half_precision=True, image_size=size, **model_overrides)
+    same outputs, bit for bit, as from the float32 parameters it would cast per batch. (XLA's
+    dense products, ``config.cpu_matmuls="xla"``: the kernels packed for oneDNN, the CPU's
+    default, are test_onednn.py's.)"""
+    config = small_config(
+        half_precision=True, image_size=size, cpu_matmuls="xla", **model_overrides
+    )
     model = steps.create_model(config, config.num_classes)
     state = steps.create_train_state(jax.random.PRNGKey(0), config, model, (size, size, 1))
     cast = steps.inference_state(state, config)
@@ -111,7 +116,7 @@ def test_half_precision_evaluation_casts_the_parameters_once_with_the_same_outpu
     chex.assert_trees_all_equal(
         jax.device_get(p_eval(cast, batch)), jax.device_get(p_eval(state, batch))
     )
-    fp32 = small_config(image_size=size, **model_overrides)
+    fp32 = small_config(image_size=size, cpu_matmuls="xla", **model_overrides)
     assert steps.inference_state(state, fp32) is state
 
 

@@ -177,6 +177,7 @@ def test_batch_that_does_not_divide_over_devices_is_rejected(tmp_path):
         ({"lr_schedule": "cyclic"}, "config.lr_schedule='cyclic'"),
         ({"momentum": 1.5}, "config.momentum=1.5"),
         ({"cpu_convolutions": "mkl"}, "config.cpu_convolutions='mkl': choose one of"),
+        ({"cpu_matmuls": "mkl"}, "config.cpu_matmuls='mkl': choose one of"),
         (
             {"model.width_divisor": 5},
             "config.model.width_divisor=5 with config.model.groups=1: width_divisor=5 does "
