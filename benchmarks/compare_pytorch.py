@@ -623,16 +623,18 @@ def main(argv: list[str] | None = None) -> dict:
     torch_device = (
         torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
     )
-    if not gpu:  # config.cpu_convolutions="auto", as main.py runs: oneDNN where it builds
-        jax_settings["cpu_convolutions"] = "onednn" if onednn.available("auto") else "xla"
+    if not gpu:  # config.cpu_convolutions and cpu_matmuls "auto", as main.py runs: oneDNN's
+        # convolutions and dense products where the handlers build
+        kernels = "onednn" if onednn.available("auto") else "xla"
+        jax_settings.update(cpu_convolutions=kernels, cpu_matmuls=kernels)
     memory = "kept for reuse" if reused else "glibc's defaults"
     crops = "" if args.eval_crops == 1 else f" (evaluation: {args.eval_crops} crops an image)"
     print(f"JAX {jax.__version__} on {jax_device.device_kind}; PyTorch {torch.__version__} on "
           f"{torch_device}; batch {args.batch}{crops}; host memory {memory} (--host_memory "
           f"{args.host_memory})")  # fmt: skip
     if not gpu:
-        print(f"our CPU convolutions: {jax_settings['cpu_convolutions']} "
-              "(config.cpu_convolutions=auto)")  # fmt: skip
+        print(f"our CPU convolutions and dense products: {jax_settings['cpu_convolutions']} "
+              "(config.cpu_convolutions=auto, config.cpu_matmuls=auto)")  # fmt: skip
     peak = matmul_peak(platform_name, args.peak_size or (8192 if gpu else 2048), precisions)
     print("matmul peak, GFLOP/s: " + ", ".join(f"{k} {v:.3g}" for k, v in peak.items()))
     results = []

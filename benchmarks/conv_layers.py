@@ -1,7 +1,7 @@
-"""Times each AlexNet convolution alone, forward and backward, three ways.
+"""Times each AlexNet convolution and dense layer alone, forward and backward, three ways.
 
     python benchmarks/conv_layers.py [--variant paper|torchvision] [--batch 32]
-        [--precision auto|bf16|fp32] [--repeats 5] [--layers conv1,...,conv5]
+        [--precision auto|bf16|fp32] [--repeats 5] [--layers conv1,...,conv5,fc6,fc7,fc8]
         [--host_memory auto|reuse|system] [--json]
 
 - ``ours``: ``alexnet_jax.shifted_conv.conv2d``, what ``layers.Conv`` runs (on the CPU:
@@ -12,6 +12,15 @@
 - ``torch``: ``torch.nn.functional.conv2d`` on ``channels_last`` tensors (with bf16 under
   ``torch.autocast``), PyTorch's fastest eager convolution on the CPU (oneDNN); skipped when
   PyTorch is not installed.
+
+The dense layers (fc6-fc8, ``layers.Dense`` with its bias, float32 parameters as in
+training) likewise: ``ours`` (on the CPU oneDNN's matmul, ``config.cpu_matmuls="auto"``),
+``xla`` (``cpu_matmuls="xla"``: XLA's products), ``torch`` (``torch.nn.functional.linear``,
+bf16 under ``torch.autocast``); and each one's evaluation forward, ``eval``, from
+parameters prepared once as evaluation prepares them: ours and XLA's cast once to bf16
+(``steps.inference_state``), ours also packed for oneDNN (``layers.pack_dense_kernels``),
+PyTorch's weights cast once to bf16 in ``torch.inference_mode`` (its frozen inference goes
+further and prepacks them, as ours are). fc6's backward includes its input gradient.
 
 ``--precision auto`` (the default) is bf16 where the device computes it natively (a GPU; a
 CPU by ``compare_pytorch.cpu_has_native_bf16``) and fp32 elsewhere, where PyTorch's bf16 runs
@@ -54,6 +63,17 @@ def layer_shapes(variant: str):
         )  # fmt: skip
         height, channels = sizes[name], conv.features
     return layers
+
+
+def dense_shapes(variant: str):
+    """(name, input features, output features) of each dense layer, 1,000 classes."""
+    from alexnet_jax.model import SPECS, layer_widths
+
+    conv_widths, fc_widths = layer_widths(variant)
+    inputs = conv_widths[-1] * 6 * 6  # the last pool's (or the adaptive pool's) 6x6
+    assert SPECS[variant].fc_features == fc_widths
+    widths = [inputs, *fc_widths, 1000]
+    return [(f"fc{index + 6}", widths[index], widths[index + 1]) for index in range(3)]
 
 
 def resolve_precision(precision: str, native_bf16: bool) -> str:
@@ -115,6 +135,72 @@ def jax_runners(layer, batch, precision):
     return runners
 
 
+def jax_dense_runners(layer, batch, precision):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from alexnet_jax import layers, steps
+
+    _, inputs, features = layer
+    dtype = jnp.bfloat16 if precision == "bf16" else jnp.float32
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((batch, inputs)), dtype)
+    g = jnp.asarray(rng.standard_normal((batch, features)), dtype)
+    options = dict(steps.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+    runners = {}
+    for label, mode in (("ours", "auto"), ("xla", "xla")):
+        dense = layers.Dense(features, dtype=dtype, cpu_matmuls=mode)
+        params = dense.init(jax.random.PRNGKey(0), x)["params"]
+        cast = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)  # inference_state's
+        prepared = layers.pack_dense_kernels(cast, mode)
+
+        def forward(params, x, dense=dense):
+            return dense.apply({"params": params}, x)
+
+        def backward(params, x, g, forward=forward):
+            return jax.vjp(forward, params, x)[1](g)
+
+        fwd = jax.jit(forward).lower(params, x).compile(options)
+        ev = jax.jit(forward).lower(prepared, x).compile(options)
+        bwd = jax.jit(backward).lower(params, x, g).compile(options)
+        runners[f"{label} forward"] = lambda fwd=fwd, p=params: jax.block_until_ready(fwd(p, x))
+        runners[f"{label} eval"] = lambda ev=ev, p=prepared: jax.block_until_ready(ev(p, x))
+        runners[f"{label} backward"] = lambda bwd=bwd, p=params: jax.block_until_ready(bwd(p, x, g))
+    return runners
+
+
+def torch_dense_runners(layer, batch, precision):
+    try:
+        import torch
+    except ImportError:
+        return {}
+    _, inputs, features = layer
+    bf16 = precision == "bf16"
+    x = torch.randn(batch, inputs, requires_grad=True)
+    weight = (torch.randn(features, inputs) * 0.01).requires_grad_(True)
+    bias = torch.zeros(features, requires_grad=True)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    eval_x, eval_weight, eval_bias = (t.detach().to(dtype) for t in (x, weight, bias))
+
+    def forward():
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return torch.nn.functional.linear(x, weight, bias)
+
+    def evaluate():
+        with torch.inference_mode():
+            return torch.nn.functional.linear(eval_x, eval_weight, eval_bias)
+
+    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        y = torch.nn.functional.linear(x, weight, bias)
+    g = torch.randn(y.shape, dtype=y.dtype)
+
+    def backward():
+        return torch.autograd.grad(y, (x, weight, bias), g, retain_graph=True)
+
+    return {"torch forward": forward, "torch eval": evaluate, "torch backward": backward}
+
+
 def torch_runners(layer, batch, precision):
     try:
         import torch
@@ -152,8 +238,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--layers", default="conv1,conv2,conv3,conv4,conv5",
-                        help="comma-separated conv layers to time")  # fmt: skip
+    parser.add_argument("--layers", default="conv1,conv2,conv3,conv4,conv5,fc6,fc7,fc8",
+                        help="comma-separated layers to time")  # fmt: skip
     parser.add_argument("--host_memory", choices=host_memory.MODES, default="auto")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -161,7 +247,7 @@ def main() -> None:
         parser.error("--batch and --repeats must be at least 1")
     reused = host_memory.configure(args.host_memory)  # before JAX and PyTorch start threads
     names = [name for name in args.layers.split(",") if name]
-    known = [layer[0] for layer in layer_shapes(args.variant)]
+    known = [layer[0] for layer in layer_shapes(args.variant) + dense_shapes(args.variant)]
     if sorted(set(names) - set(known)) or not names:
         parser.error(f"--layers {args.layers!r}: choose from {','.join(known)}")
 
@@ -185,11 +271,13 @@ def main() -> None:
           f"{args.variant}, {args.precision}, batch {args.batch}; host memory "
           f"{'kept' if reused else 'system'}; milliseconds, median of {args.repeats}")  # fmt: skip
     rows = []
-    for layer in layer_shapes(args.variant):
+    for layer in layer_shapes(args.variant) + dense_shapes(args.variant):
         if layer[0] not in names:
             continue
-        runners = jax_runners(layer, args.batch, args.precision)
-        runners.update(torch_runners(layer, args.batch, args.precision))
+        dense = layer[0].startswith("fc")
+        runners = (jax_dense_runners if dense else jax_runners)(layer, args.batch, args.precision)
+        torch_runners_ = torch_dense_runners if dense else torch_runners
+        runners.update(torch_runners_(layer, args.batch, args.precision))
         seconds = timed(runners, args.repeats)
         row = {"layer": layer[0], **{k: round(v * 1e3, 2) for k, v in seconds.items()}}
         rows.append(row)
