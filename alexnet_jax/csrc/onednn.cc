@@ -141,6 +141,20 @@ class PlanCache {
   std::map<Key, std::shared_ptr<P>> plans_;
 };
 
+// oneDNN's exception as the FFI's error.
+ffi::Error Failed(const dnnl::error& e) {
+  return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+}
+
+// Work space of one call (concurrent calls share plans, not buffers), left uninitialized:
+// oneDNN writes before it reads.
+struct Scratchpad {
+  Scratchpad(const memory::desc& desc, const dnnl::engine& engine)
+      : bytes(new uint8_t[desc.get_size()]), buffer(desc, engine, bytes.get()) {}
+  std::unique_ptr<uint8_t[]> bytes;
+  memory buffer;
+};
+
 PlanCache<Plan>& ConvPlans() {
   static auto* plans = new PlanCache<Plan>();
   return *plans;
@@ -180,10 +194,7 @@ ffi::Error Convolve(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
     });
     auto& engine = Engine();
     dnnl::stream stream(engine);
-    // Work space of this call alone (concurrent calls share plans, not buffers), left
-    // uninitialized: oneDNN writes before it reads.
-    std::unique_ptr<uint8_t[]> scratch(new uint8_t[plan->scratchpad.get_size()]);
-    memory scratchpad(plan->scratchpad, engine, scratch.get());
+    Scratchpad scratchpad(plan->scratchpad, engine);
     std::unique_ptr<uint8_t[]> reordered;
     if (pass == 2) {
       memory x(plan->image, engine, a.untyped_data());
@@ -197,7 +208,7 @@ ffi::Error Convolve(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
       plan->primitive.execute(stream, {{DNNL_ARG_SRC, x},
                                        {DNNL_ARG_DIFF_DST, dy},
                                        {DNNL_ARG_DIFF_WEIGHTS, dk},
-                                       {DNNL_ARG_SCRATCHPAD, scratchpad}});
+                                       {DNNL_ARG_SCRATCHPAD, scratchpad.buffer}});
       if (plan->kernel != plan->user_kernel) plan->to_user.execute(stream, dk, user_dk);
     } else {
       memory user_kernel(plan->user_kernel, engine, b.untyped_data());
@@ -213,19 +224,19 @@ ffi::Error Convolve(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
         plan->primitive.execute(stream, {{DNNL_ARG_SRC, x},
                                          {DNNL_ARG_WEIGHTS, kernel},
                                          {DNNL_ARG_DST, y},
-                                         {DNNL_ARG_SCRATCHPAD, scratchpad}});
+                                         {DNNL_ARG_SCRATCHPAD, scratchpad.buffer}});
       } else {
         memory dy(plan->output, engine, a.untyped_data());
         memory dx(plan->image, engine, out->untyped_data());
         plan->primitive.execute(stream, {{DNNL_ARG_DIFF_DST, dy},
                                          {DNNL_ARG_WEIGHTS, kernel},
                                          {DNNL_ARG_DIFF_SRC, dx},
-                                         {DNNL_ARG_SCRATCHPAD, scratchpad}});
+                                         {DNNL_ARG_SCRATCHPAD, scratchpad.buffer}});
       }
     }
     stream.wait();
   } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+    return Failed(e);
   }
   return ffi::Error::Success();
 }
@@ -245,6 +256,19 @@ PlanCache<MatmulPlan>& MatmulPlans() {
 memory::desc Matrix(int64_t rows, int64_t cols, Type type, bool transposed) {
   return transposed ? memory::desc({cols, rows}, type, memory::dims{1, cols})
                     : memory::desc({rows, cols}, type, memory::dims{cols, 1});
+}
+
+// c = a @ b on a matmul primitive, with work space of its own.
+void RunMatmul(const dnnl::matmul& primitive, const memory::desc& scratch, const memory& a,
+               const memory& b, const memory& c) {
+  auto& engine = Engine();
+  dnnl::stream stream(engine);
+  Scratchpad scratchpad(scratch, engine);
+  primitive.execute(stream, {{DNNL_ARG_SRC, a},
+                             {DNNL_ARG_WEIGHTS, b},
+                             {DNNL_ARG_DST, c},
+                             {DNNL_ARG_SCRATCHPAD, scratchpad.buffer}});
+  stream.wait();
 }
 
 ffi::Error Multiply(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
@@ -284,18 +308,11 @@ ffi::Error Multiply(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuff
       return plan;
     });
     auto& engine = Engine();
-    dnnl::stream stream(engine);
-    std::unique_ptr<uint8_t[]> scratch(new uint8_t[plan->scratchpad.get_size()]);
-    memory scratchpad(plan->scratchpad, engine, scratch.get());
     memory am(plan->a, engine, a.untyped_data()), bm(plan->b, engine, b.untyped_data());
     memory cm(plan->c, engine, out->untyped_data());
-    plan->primitive.execute(stream, {{DNNL_ARG_SRC, am},
-                                     {DNNL_ARG_WEIGHTS, bm},
-                                     {DNNL_ARG_DST, cm},
-                                     {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    stream.wait();
+    RunMatmul(plan->primitive, plan->scratchpad, am, bm, cm);
   } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+    return Failed(e);
   }
   return ffi::Error::Success();
 }
@@ -340,7 +357,7 @@ ffi::Error Pack(ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> out, int64_t 
     dnnl::reorder(user, dst).execute(stream, user, dst);
     stream.wait();
   } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+    return Failed(e);
   }
   return ffi::Error::Success();
 }
@@ -392,25 +409,20 @@ ffi::Error MultiplyPacked(ffi::AnyBuffer a, ffi::AnyBuffer packed,
                         "the packed kernel was packed for another shape or type");
     }
     auto& engine = Engine();
-    dnnl::stream stream(engine);
-    std::unique_ptr<uint8_t[]> scratch(new uint8_t[plan->scratchpad.get_size()]);
-    memory scratchpad(plan->scratchpad, engine, scratch.get());
     memory kernel(plan->packed, engine, packed.untyped_data());
     std::unique_ptr<uint8_t[]> reordered;
     if (plan->kernel != plan->packed) {
       reordered.reset(new uint8_t[plan->kernel.get_size()]);
       memory target(plan->kernel, engine, reordered.get());
+      dnnl::stream stream(engine);
       plan->to_primitive.execute(stream, kernel, target);
+      stream.wait();
       kernel = target;
     }
     memory am(plan->a, engine, a.untyped_data()), cm(plan->c, engine, out->untyped_data());
-    plan->primitive.execute(stream, {{DNNL_ARG_SRC, am},
-                                     {DNNL_ARG_WEIGHTS, kernel},
-                                     {DNNL_ARG_DST, cm},
-                                     {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    stream.wait();
+    RunMatmul(plan->primitive, plan->scratchpad, am, kernel, cm);
   } catch (const dnnl::error& e) {
-    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+    return Failed(e);
   }
   return ffi::Error::Success();
 }
