@@ -214,14 +214,14 @@ def _warn_once(reason: str) -> None:
     )
 
 
-def available(mode: str = "onednn") -> bool:
+def available(mode: str = "onednn", field: str = "cpu_convolutions") -> bool:
     """Whether the handlers are built and loaded (building them on first use) under ``mode``
-    (``config.cpu_convolutions`` or ``config.cpu_matmuls``), on a machine whose default
-    backend is the CPU. With ``onednn`` a handler that cannot be built raises
-    ``OnednnUnavailable``; with ``auto`` it is one logged warning and ``False``; ``xla`` is
-    always ``False``."""
+    (``config.cpu_convolutions`` or ``config.cpu_matmuls``, the ``field`` an unknown mode is
+    named by), on a machine whose default backend is the CPU. With ``onednn`` a handler that
+    cannot be built raises ``OnednnUnavailable``; with ``auto`` it is one logged warning and
+    ``False``; ``xla`` is always ``False``."""
     if mode not in MODES:
-        raise ValueError(f"cpu_convolutions={mode!r}: choose one of {MODES}")
+        raise ValueError(f"{field}={mode!r}: choose one of {MODES}")
     if mode == "xla" or jax.default_backend() != "cpu":
         return False
     try:
@@ -232,6 +232,15 @@ def available(mode: str = "onednn") -> bool:
         _warn_once(str(e))
         return False
     return True
+
+
+def _runs(mode: str, field: str, shaped: bool, dtype) -> bool:
+    """The tail of the ``takes`` checks: an operation ``shaped`` for a handler runs on it when
+    the handlers are ``available`` under ``mode``, in float32 always, in bfloat16 where
+    oneDNN has a bfloat16 kernel for this CPU (not its reference loops)."""
+    if not shaped or not available(mode, field):
+        return False
+    return dtype == jnp.float32 or _load()
 
 
 def takes(
@@ -264,9 +273,7 @@ def takes(
             for size, (lo, hi), k in zip(x.shape[1:3], padding, kernel.shape[:2], strict=True)
         )
     )
-    if not shaped or not available(mode):
-        return False
-    return x.dtype == jnp.float32 or _load()
+    return _runs(mode, "cpu_convolutions", shaped, x.dtype)
 
 
 def _call(which, a, b, result, strides, padding, groups):
@@ -337,9 +344,7 @@ def takes_matmul(mode: str, x: jax.Array, kernel: jax.Array) -> bool:
             or (x.dtype == jnp.bfloat16 and kernel.dtype in (jnp.float32, jnp.bfloat16))
         )
     )
-    if not shaped or not available(mode):
-        return False
-    return x.dtype == jnp.float32 or _load()
+    return _runs(mode, "cpu_matmuls", shaped, x.dtype)
 
 
 def _multiply(a, b, result_dtype, transpose_a=False, transpose_b=False):
@@ -393,9 +398,7 @@ def takes_packing(mode: str, kernel: jax.Array) -> bool:
         and all(isinstance(d, int) and d > 0 for d in kernel.shape)
         and kernel.dtype in (jnp.float32, jnp.bfloat16)
     )
-    if not shaped or not available(mode):
-        return False
-    return kernel.dtype == jnp.float32 or _load()
+    return _runs(mode, "cpu_matmuls", shaped, kernel.dtype)
 
 
 @jax.jit

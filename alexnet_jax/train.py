@@ -70,7 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         kernels = (("cpu_convolutions", "convolutions"), ("cpu_matmuls", "dense products"))
         for field, what in kernels:
             try:  # built here (once per machine), before the steps compile around it
-                on_onednn = onednn.available(config[field])
+                on_onednn = onednn.available(config[field], field)
             except onednn.OnednnUnavailable as e:
                 raise ConfigError(f"config.{field}='onednn': {e}") from e
             logging.info("CPU %s: %s", what, "oneDNN's" if on_onednn else "XLA's")

@@ -221,6 +221,8 @@ def test_auto_falls_back_to_xla_with_one_warning_and_onednn_raises(monkeypatch, 
         shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, "onednn")
     with pytest.raises(ValueError, match="cpu_convolutions='mkl'"):
         shifted_conv.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), 1, "mkl")
+    with pytest.raises(ValueError, match="cpu_matmuls='mkl'"):
+        Dense(4, cpu_matmuls="mkl").init(jax.random.PRNGKey(0), jnp.ones((2, 3)))
 
 
 @needs_onednn
