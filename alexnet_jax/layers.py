@@ -34,6 +34,7 @@ speed, chiefly on the CPU (``benchmarks/README.md`` has the measurements):
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -222,7 +223,10 @@ _mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 class Dense(nn.Module):
     """``flax.linen.Dense`` on (batch, features) inputs: the same parameters (``kernel``,
-    ``bias``, float32) and, in float32, the same computation. With a bfloat16 (or float16)
+    ``bias``, float32) and, in float32, the same computation. A (batch, ...) input is its
+    rows flattened first (row-major: (N, 6, 6, 256) is read as (N, 9216)), which oneDNN's
+    products do in place; a reshape before the layer would be fused by XLA:CPU into the
+    pooling that produces it, which it then emits several times slower. With a bfloat16 (or float16)
     ``dtype`` the product accumulates in float32 (as ``mixed_dot_general``) and the kernel's
     gradient stays in float32: ``flax.linen.Dense`` casts the kernel before the product, so
     its gradient is rounded to bfloat16 and widened again for the update, two passes over
@@ -242,7 +246,7 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        if x.ndim != 2:
+        if x.ndim < 2:
             raise ValueError(f"Dense expects (batch, features) inputs, got shape {x.shape}")
         if self.has_variable("params", PACKED_KERNEL):  # pack_dense_kernels: inference only
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
@@ -256,7 +260,8 @@ class Dense(nn.Module):
             y = onednn.packed_matmul(x.astype(dtype), packed, self.features)
             return y + bias.astype(dtype).reshape(1, -1)
         # the kernel first, then the bias: flax.linen.Dense's order, so the same initial values
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        width = math.prod(x.shape[1:])
+        kernel = self.param("kernel", self.kernel_init, (width, self.features), jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         x, narrow_kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
         if x.dtype in (jnp.bfloat16, jnp.float16):
@@ -266,10 +271,16 @@ class Dense(nn.Module):
         else:
             kernel, xla = narrow_kernel, _plain_matmul
         if onednn.takes_matmul(self.cpu_matmuls, x, kernel):
-            y = lax.platform_dependent(x, kernel, cpu=onednn.matmul, default=xla)
+            flat = lambda x, kernel: xla(_rows(x), kernel)  # noqa: E731
+            y = lax.platform_dependent(x, kernel, cpu=onednn.matmul, default=flat)
         else:
-            y = xla(x, kernel)
+            y = xla(_rows(x), kernel)
         return y + bias.reshape(1, -1)
+
+
+def _rows(x: jax.Array) -> jax.Array:
+    """``x`` as (batch, features): its rows flattened."""
+    return x if x.ndim == 2 else x.reshape((x.shape[0], -1))
 
 
 # Where `pack_dense_kernels` puts a Dense layer's kernel, packed for oneDNN.

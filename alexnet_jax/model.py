@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -295,7 +296,8 @@ class AlexNet(nn.Module):
 
         if spec.adaptive_pool:
             x = _adaptive_avg_pool(x, spec.adaptive_pool)  # torchvision: (N, 6, 6, 256)
-        x = x.reshape((x.shape[0], -1))  # NHWC flattening: (N, 6 * 6 * 256) at 227 / 224
+        # fc6 reads (N, 6, 6, 256) as its NHWC flattening, (N, 9216) at 227 / 224, in place
+        # (``layers.Dense``): a reshape here would slow the last pooling down.
         dense = functools.partial(
             Dense, dtype=self.dtype, kernel_init=kernel_init, cpu_matmuls=self.cpu_matmuls
         )
@@ -304,7 +306,9 @@ class AlexNet(nn.Module):
             if spec.dropout_before_fc:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
             x = dense(
-                features, bias_init=_bias_init(init, spec.fc_biases[index], x.shape[-1]), name=name
+                features,
+                bias_init=_bias_init(init, spec.fc_biases[index], math.prod(x.shape[1:])),
+                name=name,
             )(x)
             x = nn.relu(x)
             if not spec.dropout_before_fc:

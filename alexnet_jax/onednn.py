@@ -39,6 +39,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import shutil
 import site
@@ -331,14 +332,15 @@ conv2d.defvjp(_forward, _backward)
 
 def takes_matmul(mode: str, x: jax.Array, kernel: jax.Array) -> bool:
     """Whether ``matmul`` should run ``x @ kernel`` on the CPU under ``mode``: the handler is
-    ``available``, ``x`` is ``(rows, K)`` and ``kernel`` ``(K, features)``, none of them 0,
-    and ``x`` is float32 with a float32 kernel or (where oneDNN has a bfloat16 kernel for this
-    CPU) bfloat16 with a float32 or bfloat16 one."""
+    ``available``, ``x`` is ``(rows, K)`` (or ``(rows, ...)``, read as its rows flattened, of
+    K values each) and ``kernel`` ``(K, features)``, none of them 0, and ``x`` is float32 with
+    a float32 kernel or (where oneDNN has a bfloat16 kernel for this CPU) bfloat16 with a
+    float32 or bfloat16 one."""
     shaped = (
-        x.ndim == 2
+        x.ndim >= 2
         and kernel.ndim == 2
-        and x.shape[1] == kernel.shape[0]
         and all(isinstance(d, int) and d > 0 for d in (*x.shape, kernel.shape[1]))
+        and math.prod(x.shape[1:]) == kernel.shape[0]
         and (
             (x.dtype == jnp.float32 and kernel.dtype == jnp.float32)
             or (x.dtype == jnp.bfloat16 and kernel.dtype in (jnp.float32, jnp.bfloat16))
@@ -347,12 +349,18 @@ def takes_matmul(mode: str, x: jax.Array, kernel: jax.Array) -> bool:
     return _runs(mode, "cpu_matmuls", shaped, x.dtype)
 
 
-def _multiply(a, b, result_dtype, transpose_a=False, transpose_b=False):
-    """``op(a) @ op(b)`` on oneDNN, ``op`` transposing where asked; the result in
-    ``result_dtype``."""
-    rows = a.shape[1] if transpose_a else a.shape[0]
-    columns = b.shape[0] if transpose_b else b.shape[1]
-    result = jax.ShapeDtypeStruct((rows, columns), result_dtype)
+def _as_matrix(shape):
+    return shape[0], math.prod(shape[1:])
+
+
+def _multiply(a, b, result_dtype, transpose_a=False, transpose_b=False, result_shape=None):
+    """``op(a) @ op(b)`` on oneDNN, ``op`` transposing where asked, each operand read as the
+    matrix of its rows flattened (the handler's ``AsMatrix``); the result in
+    ``result_dtype``, shaped ``result_shape`` (by default the product's ``(rows, columns)``)."""
+    a_rows, a_cols = _as_matrix(a.shape)
+    b_rows, b_cols = _as_matrix(b.shape)
+    shape = (a_cols if transpose_a else a_rows, b_rows if transpose_b else b_cols)
+    result = jax.ShapeDtypeStruct(result_shape or shape, result_dtype)
     return jax.ffi.ffi_call(MATMUL_TARGET, result, vmap_method="sequential")(
         a, b, transpose_a=int(transpose_a), transpose_b=int(transpose_b)
     )
@@ -361,9 +369,11 @@ def _multiply(a, b, result_dtype, transpose_a=False, transpose_b=False):
 @jax.custom_vjp
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``x @ kernel`` on oneDNN, in ``x``'s dtype: a float32 kernel for bfloat16 ``x`` is
-    rounded to bfloat16 first, and the product accumulates in float32. The kernel's gradient
-    comes back in the kernel's own dtype (for a float32 kernel, unrounded), the input's in
-    ``x``'s. Needs the handler loaded first (``takes_matmul``); lowers for the CPU only."""
+    rounded to bfloat16 first, and the product accumulates in float32. ``x`` may have more
+    than two dimensions: ``(rows, ...)`` multiplies as ``x.reshape(rows, -1)``, with no reshape
+    in the program. The kernel's gradient comes back in the kernel's own dtype (for a float32
+    kernel, unrounded), the input's in ``x``'s dtype and shape. Needs the handler loaded first
+    (``takes_matmul``); lowers for the CPU only."""
     return _matmul_forward(x, kernel)[0]
 
 
@@ -376,7 +386,7 @@ def _matmul_forward(x, kernel):
 def _matmul_backward(residuals, g):
     x, narrow, kernel_dtype = residuals
     g = g.astype(x.dtype)
-    dx = _multiply(g, narrow, x.dtype, transpose_b=True)  # g @ kernel.T
+    dx = _multiply(g, narrow, x.dtype, transpose_b=True, result_shape=x.shape)  # g @ kernel.T
     dkernel = _multiply(x, g, kernel_dtype.dtype, transpose_a=True)  # x.T @ g
     return dx, dkernel
 
@@ -415,9 +425,10 @@ def pack(kernel: jax.Array) -> jax.Array:
 
 
 def packed_matmul(x: jax.Array, packed: jax.Array, features: int) -> jax.Array:
-    """``x @ kernel`` for ``packed = pack(kernel)`` of a ``(x.shape[1], features)`` kernel, in
-    the packed kernel's dtype (``x`` is cast to it). Inference only: it has no gradient.
-    Lowers for the CPU only."""
+    """``x @ kernel`` for ``packed = pack(kernel)`` of a ``(K, features)`` kernel, in the packed
+    kernel's dtype (``x`` is cast to it); ``x`` is ``(rows, K)``, or ``(rows, ...)`` read as
+    its rows flattened (as ``matmul``). Inference only: it has no gradient. Lowers for the
+    CPU only."""
     x = x.astype(packed.dtype)
     result = jax.ShapeDtypeStruct((x.shape[0], features), packed.dtype)
     return jax.ffi.ffi_call(PACKED_MATMUL_TARGET, result, vmap_method="sequential")(

@@ -315,6 +315,50 @@ def test_products_and_gradients_match_a_float64_reference(
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_dense_reads_pooled_images_as_their_flattened_rows_in_place(dtype):
+    """``Dense`` on (N, H, W, C) images is ``Dense`` on their (N, H*W*C) rows: the same
+    parameters, outputs and gradients (the input's in its own shape), on oneDNN's products,
+    XLA's, and packed kernels. On oneDNN the program never reshapes the images (XLA:CPU would
+    fuse the reshape into the pooling that produces them, several times slower); AlexNet's
+    fc6 reads its pooled (N, 6, 6, C) features so."""
+    rng = np.random.default_rng(5)
+    images = jnp.asarray(rng.standard_normal((5, 3, 3, 8)), dtype)
+    rows = images.reshape(5, 72)
+    cotangent = jnp.asarray(rng.standard_normal((5, 10)), dtype)
+    for mode in ("onednn", "xla"):
+        dense = Dense(10, dtype=dtype, cpu_matmuls=mode)
+        variables = dense.init(jax.random.PRNGKey(0), images)
+        chex.assert_trees_all_equal(variables, dense.init(jax.random.PRNGKey(0), rows))
+        chex.assert_shape(variables["params"]["kernel"], (72, 10))
+
+        def loss(variables, x, dense=dense):
+            return jnp.sum(dense.apply(variables, x).astype(jnp.float32) * cotangent)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        (d_vars, d_images), (d_vars_rows, d_rows) = grad(variables, images), grad(variables, rows)
+        chex.assert_shape(d_images, images.shape)
+        chex.assert_trees_all_equal(d_images.reshape(5, 72), d_rows)
+        chex.assert_trees_all_equal(d_vars, d_vars_rows)
+        chex.assert_trees_all_equal(dense.apply(variables, images), dense.apply(variables, rows))
+        compiled = grad.lower(variables, images).compile().as_text()
+        assert ("[5,72]" in compiled) == (mode == "xla"), mode  # the images as rows
+    kernel = variables["params"]["kernel"].astype(dtype)
+    packed = onednn.pack(kernel)
+    chex.assert_trees_all_equal(
+        onednn.packed_matmul(images, packed, 10), onednn.packed_matmul(rows, packed, 10)
+    )
+    assert onednn.takes_matmul("onednn", images, kernel)
+    assert not onednn.takes_matmul("onednn", images[:, :2], kernel)  # 48 values a row, not 72
+
+    model = AlexNet(num_classes=10, variant="torchvision", width_divisor=8, dtype=dtype)
+    x = jnp.zeros((2, 64, 64, 3), dtype)
+    model_vars = model.init(jax.random.PRNGKey(0), x)
+    chex.assert_shape(model_vars["params"]["fc6"]["kernel"], (6 * 6 * 32, 512))
+    assert "[2,1152]" not in _compiled_text(model.apply, model_vars, x)
+
+
+@needs_onednn
 def test_dense_xla_mode_and_other_platforms_hold_no_custom_call():
     """``layers.Dense(cpu_matmuls="xla")`` (exports) lowers to XLA's products alone; lowered
     for a GPU, ``auto`` is plain ``dot_general``s (cuBLAS), forward and backward."""

@@ -12,11 +12,14 @@
 // oneDNN's primitive chose for this shape and CPU (and the kernel gradient back), as
 // PyTorch's channels_last convolutions do. Primitives are made once per shape and reused.
 //
-// AlexnetOnednnMatmul: c (M,N) = op(a) @ op(b) for row-major 2-D a and b, where op(a) is a
+// AlexnetOnednnMatmul: c (M,N) = op(a) @ op(b) for row-major a and b, where op(a) is a
 // (M,K), or a (K,M) transposed when `transpose_a` is 1 (likewise b, (K,N) or (N,K)): the
 // dense layers' forward (x @ kernel), input gradient (dy @ kernel.T) and kernel gradient
-// (x.T @ dy), each read in place. a and b are both float32 or both bfloat16; c is float32 or
-// bfloat16 (a bfloat16 product accumulates in float32 and rounds once, if at all).
+// (x.T @ dy), each read in place. Each operand and the result is read as a matrix: its first
+// dimension by the product of the others, so a dense layer reads pooled (N,H,W,C) images as
+// the (N,H*W*C) rows they are, with no reshape for XLA to fuse into their producer. a and b
+// are both float32 or both bfloat16; c is float32 or bfloat16 (a bfloat16 product
+// accumulates in float32 and rounds once, if at all).
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -60,6 +63,16 @@ Type ToDnnl(ffi::DataType type) {
 }
 
 memory::dims Dims(ffi::AnyBuffer::Dimensions d) { return memory::dims(d.begin(), d.end()); }
+
+// A buffer of two or more dimensions as a row-major matrix: (its first dimension, the
+// product of the others). False for fewer dimensions.
+bool AsMatrix(ffi::AnyBuffer::Dimensions d, int64_t& rows, int64_t& cols) {
+  if (d.size() < 2) return false;
+  rows = d[0];
+  cols = 1;
+  for (size_t i = 1; i < d.size(); ++i) cols *= d[i];
+  return true;
+}
 
 std::shared_ptr<Plan> MakePlan(int64_t pass, const memory::dims& x, const memory::dims& k,
                                const memory::dims& y, Type xt, Type kt, Type yt,
@@ -273,9 +286,11 @@ void RunMatmul(const dnnl::matmul& primitive, const memory::desc& scratch, const
 
 ffi::Error Multiply(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
                     int64_t transpose_a, int64_t transpose_b) {
-  auto ad = a.dimensions(), bd = b.dimensions(), cd = out->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "operands and result must be 2-D");
+  int64_t ad[2], bd[2], cd[2];  // each read as a matrix
+  if (!AsMatrix(a.dimensions(), ad[0], ad[1]) || !AsMatrix(b.dimensions(), bd[0], bd[1]) ||
+      !AsMatrix(out->dimensions(), cd[0], cd[1])) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "operands and result must have at least 2 dimensions");
   }
   int64_t m = transpose_a ? ad[1] : ad[0], k = transpose_a ? ad[0] : ad[1];
   int64_t kb = transpose_b ? bd[1] : bd[0], n = transpose_b ? bd[0] : bd[1];
@@ -362,14 +377,16 @@ ffi::Error Pack(ffi::AnyBuffer kernel, ffi::Result<ffi::AnyBuffer> out, int64_t 
   return ffi::Error::Success();
 }
 
-// c (M,N) = a (M,K) @ the kernel Pack(rows) wrote; `features` is N. Where no optimized
-// kernel takes the packed layout for this M, it is reordered at each call.
+// c (M,N) = a (M,K) @ the kernel Pack(rows) wrote; `features` is N. a and c are read as
+// matrices (AsMatrix). Where no optimized kernel takes the packed layout for this M, it is
+// reordered at each call.
 ffi::Error MultiplyPacked(ffi::AnyBuffer a, ffi::AnyBuffer packed,
                           ffi::Result<ffi::AnyBuffer> out, int64_t rows, int64_t features) {
-  auto ad = a.dimensions(), cd = out->dimensions();
+  int64_t ad[2], cd[2];
   Type type = ToDnnl(a.element_type()), ct = ToDnnl(out->element_type());
-  if (ad.size() != 2 || cd.size() != 2 || cd[0] != ad[0] || cd[1] != features ||
-      type == Type::undef || ct == Type::undef || rows < 1) {
+  if (!AsMatrix(a.dimensions(), ad[0], ad[1]) || !AsMatrix(out->dimensions(), cd[0], cd[1]) ||
+      cd[0] != ad[0] || cd[1] != features || type == Type::undef || ct == Type::undef ||
+      rows < 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "packed product: a (M,K) float32 or bfloat16, a result (M,features)");
   }
