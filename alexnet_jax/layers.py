@@ -252,12 +252,12 @@ class Dense(nn.Module):
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
             packed = self.get_variable("params", PACKED_KERNEL)
             dtype = jnp.dtype(self.dtype or jnp.result_type(x.dtype, jnp.float32))
-            if packed.dtype != dtype:
+            if packed.dtype != onednn.compute_dtype(dtype):  # bfloat16: maybe packed widened
                 raise ValueError(
                     f"{self.name}: a kernel packed in {packed.dtype} cannot compute in {dtype}: "
                     "cast the parameters before packing them (steps.inference_state)"
                 )
-            y = onednn.packed_matmul(x.astype(dtype), packed, self.features)
+            y = onednn.packed_matmul(x.astype(dtype), packed, self.features).astype(dtype)
             return y + bias.astype(dtype).reshape(1, -1)
         # the kernel first, then the bias: flax.linen.Dense's order, so the same initial values
         width = math.prod(x.shape[1:])

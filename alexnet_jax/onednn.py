@@ -10,6 +10,13 @@ YNNPACK or Eigen: oneDNN's matmul, as PyTorch's ``linear`` runs, reads the opera
 they lie (the gradients' transposes included) and writes a float32 kernel gradient of
 bfloat16 operands without rounding it. ``benchmarks/README.md`` has the measurements.
 
+bfloat16 runs on oneDNN's bfloat16 kernels where the CPU has bfloat16 arithmetic
+(AVX512-BF16, AMX, AVX2-VNNI-2: ``native_bf16``). Elsewhere oneDNN would emulate it, 2.5-4x
+slower than its own float32 kernels (an AVX-512 Ice Lake Xeon without AVX512-BF16), so the
+bfloat16 operands are widened to float32, exactly, multiplied on the float32 kernels and the
+result rounded once to bfloat16: the numbers a native bfloat16 kernel gives (which also
+accumulates in float32 and rounds once), at float32 speed (``compute_dtype``).
+
 The handlers (``csrc/onednn.cc``) are compiled on first use with the machine's C++
 compiler (``$CXX``, else ``c++``) against the jaxlib headers and the oneDNN the
 ``onednn-cpu-gomp`` and ``onednn-devel-cpu-gomp`` packages install (or ``$DNNLROOT``), and
@@ -203,9 +210,28 @@ def _library() -> ctypes.CDLL:
 
 @functools.cache
 def _load() -> bool:
-    """``_library()``, then whether oneDNN has bfloat16 convolution and matmul kernels for
-    this CPU (not its reference loops)."""
-    return bool(_library().AlexnetOnednnFastBf16())
+    """``_library()``, then whether this CPU computes bfloat16 natively in oneDNN (its
+    bfloat16 instructions, and kernels of oneDNN's own for them: not emulation, not its
+    reference loops)."""
+    return bool(_library().AlexnetOnednnNativeBf16())
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN multiplies bfloat16 on this CPU's own bfloat16 instructions (AVX512-BF16,
+    AMX or AVX2-VNNI-2). Needs the handlers ``available``."""
+    return _load()
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype oneDNN computes ``dtype`` operands in here: ``dtype`` itself, but float32 for
+    bfloat16 on a CPU without bfloat16 arithmetic (``native_bf16``), where oneDNN's bfloat16
+    kernels emulate it 2.5-4x slower than its float32 ones. Widening bfloat16 is exact and
+    the result is rounded once, so the numbers are a bfloat16 kernel's (float32 sums, one
+    rounding), in another order of summation. Needs the handlers ``available``."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16 and not native_bf16():
+        return jnp.dtype(jnp.float32)
+    return dtype
 
 
 @functools.cache
@@ -235,13 +261,10 @@ def available(mode: str = "onednn", field: str = "cpu_convolutions") -> bool:
     return True
 
 
-def _runs(mode: str, field: str, shaped: bool, dtype) -> bool:
+def _runs(mode: str, field: str, shaped: bool) -> bool:
     """The tail of the ``takes`` checks: an operation ``shaped`` for a handler runs on it when
-    the handlers are ``available`` under ``mode``, in float32 always, in bfloat16 where
-    oneDNN has a bfloat16 kernel for this CPU (not its reference loops)."""
-    if not shaped or not available(mode, field):
-        return False
-    return dtype == jnp.float32 or _load()
+    the handlers are ``available`` under ``mode`` (bfloat16 in ``compute_dtype``)."""
+    return shaped and available(mode, field)
 
 
 def takes(
@@ -253,9 +276,8 @@ def takes(
     feature_group_count: int,
 ) -> bool:
     """Whether ``conv2d`` should run this convolution on the CPU under ``mode``: the handler
-    is ``available``, and the convolution is 4-D, float32 or (where oneDNN has a bfloat16
-    kernel for this CPU) bfloat16 in both operands, in whole groups, with non-negative
-    padding and at least one output pixel."""
+    is ``available``, and the convolution is 4-D, float32 or bfloat16 in both operands, in
+    whole groups, with non-negative padding and at least one output pixel."""
     types = (jnp.float32, jnp.bfloat16)
     shaped = (
         x.ndim == 4
@@ -274,18 +296,22 @@ def takes(
             for size, (lo, hi), k in zip(x.shape[1:3], padding, kernel.shape[:2], strict=True)
         )
     )
-    return _runs(mode, "cpu_convolutions", shaped, x.dtype)
+    return _runs(mode, "cpu_convolutions", shaped)
 
 
 def _call(which, a, b, result, strides, padding, groups):
-    """Pass ``which`` of the handler (0 forward, 1 input gradient, 2 kernel gradient), its
-    result shaped as ``result``. Under ``vmap`` each example is convolved in turn."""
+    """Pass ``which`` of the handler (0 forward, 1 input gradient, 2 kernel gradient) of
+    operands of one dtype, computed in ``compute_dtype``, its result shaped and typed as
+    ``result``. Under ``vmap`` each example is convolved in turn."""
     (top, bottom), (left, right) = padding
-    result = jax.ShapeDtypeStruct(result.shape, result.dtype)
-    return jax.ffi.ffi_call(TARGET, result, vmap_method="sequential")(
-        a, b, which=which, stride_h=strides[0], stride_w=strides[1], pad_top=top,
-        pad_bottom=bottom, pad_left=left, pad_right=right, groups=groups,
+    compute = compute_dtype(a.dtype)  # bfloat16 widened where the CPU lacks it
+    wide = jax.ShapeDtypeStruct(result.shape, compute if compute != a.dtype else result.dtype)
+    out = jax.ffi.ffi_call(TARGET, wide, vmap_method="sequential")(
+        a.astype(compute), b.astype(compute), which=which, stride_h=strides[0],
+        stride_w=strides[1], pad_top=top, pad_bottom=bottom, pad_left=left, pad_right=right,
+        groups=groups,
     )  # fmt: skip
+    return out.astype(result.dtype)
 
 
 def _output_shape(x, kernel, strides, padding):
@@ -334,8 +360,7 @@ def takes_matmul(mode: str, x: jax.Array, kernel: jax.Array) -> bool:
     """Whether ``matmul`` should run ``x @ kernel`` on the CPU under ``mode``: the handler is
     ``available``, ``x`` is ``(rows, K)`` (or ``(rows, ...)``, read as its rows flattened, of
     K values each) and ``kernel`` ``(K, features)``, none of them 0, and ``x`` is float32 with
-    a float32 kernel or (where oneDNN has a bfloat16 kernel for this CPU) bfloat16 with a
-    float32 or bfloat16 one."""
+    a float32 kernel or bfloat16 with a float32 or bfloat16 one."""
     shaped = (
         x.ndim >= 2
         and kernel.ndim == 2
@@ -346,7 +371,7 @@ def takes_matmul(mode: str, x: jax.Array, kernel: jax.Array) -> bool:
             or (x.dtype == jnp.bfloat16 and kernel.dtype in (jnp.float32, jnp.bfloat16))
         )
     )
-    return _runs(mode, "cpu_matmuls", shaped, x.dtype)
+    return _runs(mode, "cpu_matmuls", shaped)
 
 
 def _as_matrix(shape):
@@ -355,15 +380,20 @@ def _as_matrix(shape):
 
 def _multiply(a, b, result_dtype, transpose_a=False, transpose_b=False, result_shape=None):
     """``op(a) @ op(b)`` on oneDNN, ``op`` transposing where asked, each operand read as the
-    matrix of its rows flattened (the handler's ``AsMatrix``); the result in
-    ``result_dtype``, shaped ``result_shape`` (by default the product's ``(rows, columns)``)."""
+    matrix of its rows flattened (the handler's ``AsMatrix``); operands of one dtype, computed
+    in ``compute_dtype``; the result in ``result_dtype``, shaped ``result_shape`` (by default
+    the product's ``(rows, columns)``)."""
     a_rows, a_cols = _as_matrix(a.shape)
     b_rows, b_cols = _as_matrix(b.shape)
     shape = (a_cols if transpose_a else a_rows, b_rows if transpose_b else b_cols)
-    result = jax.ShapeDtypeStruct(result_shape or shape, result_dtype)
-    return jax.ffi.ffi_call(MATMUL_TARGET, result, vmap_method="sequential")(
-        a, b, transpose_a=int(transpose_a), transpose_b=int(transpose_b)
-    )
+    compute = compute_dtype(a.dtype)  # bfloat16 widened where the CPU lacks it
+    wide = compute if compute != a.dtype else result_dtype
+    result = jax.ShapeDtypeStruct(result_shape or shape, wide)
+    out = jax.ffi.ffi_call(MATMUL_TARGET, result, vmap_method="sequential")(
+        a.astype(compute), b.astype(compute), transpose_a=int(transpose_a),
+        transpose_b=int(transpose_b),
+    )  # fmt: skip
+    return out.astype(result_dtype)
 
 
 @jax.custom_vjp
@@ -401,21 +431,26 @@ PACK_ROWS = 32
 
 def takes_packing(mode: str, kernel: jax.Array) -> bool:
     """Whether ``pack`` should pack ``kernel`` for inference under ``mode``: a concrete 2-D
-    float32 or (where oneDNN has a bfloat16 kernel for this CPU) bfloat16 array, on a machine
-    where the handler is ``available``."""
+    float32 or bfloat16 array, on a machine where the handler is ``available``."""
     shaped = (
         kernel.ndim == 2
         and all(isinstance(d, int) and d > 0 for d in kernel.shape)
         and kernel.dtype in (jnp.float32, jnp.bfloat16)
     )
-    return _runs(mode, "cpu_matmuls", shaped, kernel.dtype)
+    return _runs(mode, "cpu_matmuls", shaped)
+
+
+def pack(kernel: jax.Array) -> jax.Array:
+    """A ``(K, N)`` kernel in the layout oneDNN's matmul reads fastest, for inference: a flat
+    array that only ``packed_matmul`` reads (PyTorch's frozen inference prepacks its weights
+    likewise), of the dtype its products compute in (``compute_dtype``: a bfloat16 kernel is
+    packed widened to float32 on a CPU without bfloat16 arithmetic). Needs
+    ``takes_packing``; runs on the CPU."""
+    return _pack(kernel.astype(compute_dtype(kernel.dtype)))
 
 
 @jax.jit
-def pack(kernel: jax.Array) -> jax.Array:
-    """A ``(K, N)`` kernel in the layout oneDNN's matmul reads fastest, for inference: a flat
-    array of the kernel's dtype that only ``packed_matmul`` reads (PyTorch's frozen
-    inference prepacks its weights likewise). Needs ``takes_packing``; runs on the CPU."""
+def _pack(kernel: jax.Array) -> jax.Array:
     k, n = kernel.shape
     size = _library().AlexnetOnednnPackedBytes(PACK_ROWS, k, n, int(kernel.dtype == jnp.bfloat16))
     if size <= 0:
@@ -426,9 +461,10 @@ def pack(kernel: jax.Array) -> jax.Array:
 
 def packed_matmul(x: jax.Array, packed: jax.Array, features: int) -> jax.Array:
     """``x @ kernel`` for ``packed = pack(kernel)`` of a ``(K, features)`` kernel, in the packed
-    kernel's dtype (``x`` is cast to it); ``x`` is ``(rows, K)``, or ``(rows, ...)`` read as
-    its rows flattened (as ``matmul``). Inference only: it has no gradient. Lowers for the
-    CPU only."""
+    kernel's dtype (``x`` is cast to it: for a kernel packed widened, the result is float32,
+    to be rounded by the caller); ``x`` is ``(rows, K)``, or ``(rows, ...)`` read as its rows
+    flattened (as ``matmul``). Inference only: it has no gradient. Lowers for the CPU
+    only."""
     x = x.astype(packed.dtype)
     result = jax.ShapeDtypeStruct((x.shape[0], features), packed.dtype)
     return jax.ffi.ffi_call(PACKED_MATMUL_TARGET, result, vmap_method="sequential")(

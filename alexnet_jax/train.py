@@ -73,7 +73,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 on_onednn = onednn.available(config[field], field)
             except onednn.OnednnUnavailable as e:
                 raise ConfigError(f"config.{field}='onednn': {e}") from e
-            logging.info("CPU %s: %s", what, "oneDNN's" if on_onednn else "XLA's")
+            widened = on_onednn and config.half_precision and not onednn.native_bf16()
+            logging.info(
+                "CPU %s: %s%s", what, "oneDNN's" if on_onednn else "XLA's",
+                " (bfloat16 widened to float32: this CPU has no bfloat16 arithmetic)"
+                if widened else "",
+            )  # fmt: skip
     if is_main:
         write_run_files(workdir, config, dataset.class_names)
 

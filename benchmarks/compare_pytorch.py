@@ -48,10 +48,12 @@ comparison that came after others measured our bf16 train steps with page faults
 step and slower than the same comparison alone (``benchmarks/README.md``).
 
 ``--precision auto`` (the default) is fp32, and bf16 where the device computes it natively:
-a GPU, or a CPU with AVX-512 BW, VL and DQ (oneDNN's bf16 path) or AArch64's BF16, as
-PyTorch itself checks. Elsewhere PyTorch's bf16 falls back to reference kernels, two orders
-of magnitude slower than its fp32, so a comparison there takes hours and compares with
-nothing a PyTorch user would run; ``--precision fp32,bf16`` asks for it anyway.
+a GPU, or a CPU with bfloat16 arithmetic (AVX512-BF16, AMX, AVX-NE-CONVERT, AArch64's BF16:
+``cpu_has_native_bf16``). Elsewhere PyTorch's bf16 is emulated (2.5-4x slower than its fp32
+on an AVX-512 CPU without AVX512-BF16) or falls back to reference kernels (two orders of
+magnitude slower), so a comparison there takes hours and compares with nothing a PyTorch
+user would run (ours computes bf16 in fp32 there: ``alexnet_jax/onednn.py``);
+``--precision fp32,bf16`` asks for it anyway.
 
 ``--json`` ends with one JSON line holding, per variant and precision, every figure and
 ``ratio`` (ours / PyTorch's best).
@@ -140,11 +142,18 @@ def best_seconds(run: Callable[[int], None], repeats: int, budget_s: float = 10.
     return min(times)
 
 
+# CPU flags of bfloat16 arithmetic that oneDNN (PyTorch's and ours) computes with: x86's
+# AVX512-BF16 (AMX CPUs have it too) and AVX-NE-CONVERT (oneDNN's AVX2-VNNI-2), AArch64's BF16.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert", "bf16")
+
+
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether this CPU computes bfloat16 natively, by PyTorch's own test (oneDNN's bf16 path
-    needs AVX-512 BW, VL and DQ on x86; AArch64 needs its BF16 extension); True where
-    ``/proc/cpuinfo`` cannot tell. Read from the flags, so that nothing starts threads before
-    ``host_memory.configure``."""
+    """Whether this CPU has bfloat16 arithmetic (``BF16_FLAGS``); True where ``/proc/cpuinfo``
+    cannot tell. PyTorch's own test (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) accepts
+    any AVX-512 BW/VL/DQ CPU, but there oneDNN emulates bfloat16: on an Ice Lake Xeon
+    PyTorch's bf16 matmul and conv2 ran at 46 GFLOP/s against 173-175 in fp32, so a bf16
+    comparison there measures nothing a PyTorch user would run. Read from the flags, so
+    that nothing starts threads before ``host_memory.configure``."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -154,8 +163,7 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() in ("flags", "Features"):
-            flags = set(value.split())
-            return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "bf16" in flags
+            return bool(set(value.split()) & set(BF16_FLAGS))
     return True
 
 
@@ -580,9 +588,10 @@ def main(argv: list[str] | None = None) -> dict:
         native = args.device == "gpu" or cpu_has_native_bf16()
         precisions = ["fp32", "bf16"] if native else ["fp32"]
         if not native:
-            print("--precision auto: fp32 only; this CPU has no native bf16 (no AVX-512 BW/VL/DQ "
-                  "or BF16 flag), where PyTorch's bf16 runs on reference kernels; "
-                  "--precision fp32,bf16 compares it anyway", flush=True)  # fmt: skip
+            print("--precision auto: fp32 only; this CPU has no native bf16 (none of the flags "
+                  f"{', '.join(BF16_FLAGS)}), where PyTorch's bf16 is emulated or runs on "
+                  "reference kernels; --precision fp32,bf16 compares it anyway",
+                  flush=True)  # fmt: skip
     else:
         precisions = args.precision.split(",")
     args.torch_modes = [m for m in args.torch_modes.split(",") if m]

@@ -23,8 +23,9 @@ PyTorch's weights cast once to bf16 in ``torch.inference_mode`` (its frozen infe
 further and prepacks them, as ours are). fc6's backward includes its input gradient.
 
 ``--precision auto`` (the default) is bf16 where the device computes it natively (a GPU; a
-CPU by ``compare_pytorch.cpu_has_native_bf16``) and fp32 elsewhere, where PyTorch's bf16 runs
-on reference kernels and XLA:CPU's bf16 products on emulated arithmetic.
+CPU with bfloat16 arithmetic, by ``compare_pytorch.cpu_has_native_bf16``) and fp32
+elsewhere, where PyTorch's bf16 is emulated or runs on reference kernels, ours is widened to
+fp32 on oneDNN, and XLA:CPU's bf16 products run on emulated arithmetic.
 
 Each layer at its place in the network (the input shape the previous layers give a 227² or
 224² image), the compile options of the train step. conv1's backward is its kernel gradient

@@ -8,6 +8,7 @@ import types
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -102,8 +103,11 @@ CPUINFO = "processor\t: {n}\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx avx2 
 
 @pytest.mark.parametrize(
     "extra, native",
-    [("", False), ("avx512f avx512bw", False), ("avx512f avx512dq avx512bw avx512vl", True),
-     ("avx512f avx512dq avx512bw avx512vl avx512_bf16 amx_bf16", True)],
+    [("", False), ("avx512f avx512bw", False),
+     ("avx512f avx512dq avx512bw avx512vl avx512_vnni", False),  # Ice Lake: emulated bf16
+     ("avx512f avx512dq avx512bw avx512vl avx512_bf16", True),  # Zen 4, Cooper Lake
+     ("avx512f avx512dq avx512bw avx512vl avx512_bf16 amx_bf16", True),  # Sapphire Rapids
+     ("avx_vnni avx_vnni_int8 avx_ne_convert", True)],  # oneDNN's AVX2-VNNI-2
 )  # fmt: skip
 def test_native_bf16_is_read_from_the_cpu_flags(extra, native):
     cpuinfo = "".join(CPUINFO.format(n=n, extra=extra) for n in range(2))
@@ -114,10 +118,23 @@ def test_native_bf16_is_read_from_the_cpu_flags(extra, native):
     assert compare_pytorch.cpu_has_native_bf16("nothing that names flags") is True
 
 
+def test_onednn_computes_bf16_natively_where_the_cpu_flags_say():
+    """oneDNN's own reading of this CPU (``onednn.native_bf16``, its ISA) and the benchmark's
+    (``/proc/cpuinfo``'s flags) agree: bf16 is compared with PyTorch, and computed on
+    oneDNN's bf16 kernels, on the same CPUs; elsewhere ours is widened to fp32."""
+    if jax.default_backend() != "cpu" or not onednn.available("auto"):
+        pytest.skip("oneDNN's handlers are not built here")
+    native = compare_pytorch.cpu_has_native_bf16()
+    assert onednn.native_bf16() is native
+    assert onednn.compute_dtype(jnp.bfloat16) == (jnp.bfloat16 if native else jnp.float32)
+    assert onednn.compute_dtype(jnp.float32) == jnp.float32
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_precision_leaves_bf16_out_where_the_cpu_lacks_it(monkeypatch, capsys, native):
     """``--precision auto``: fp32 alone, said so, on a CPU without native bf16 (where PyTorch's
-    bf16 runs on reference kernels); both elsewhere; a named precision is always run."""
+    bf16 is emulated or runs on reference kernels); both elsewhere; a named precision is
+    always run."""
     precisions = []
 
     def child(command):

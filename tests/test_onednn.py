@@ -7,6 +7,9 @@ what a user meets around it: the lowering chosen per platform, ``cpu_convolution
 ``vmap``, the build cache, and the errors when oneDNN or a compiler is missing. The dense
 layers' products (``onednn.matmul``) are checked against float64 products, and their packed
 kernels (``onednn.pack``, ``steps.inference_state``) against the unpacked products and XLA's.
+bfloat16 is tested both ways oneDNN computes it, whatever this CPU has: on oneDNN's bfloat16
+kernels (``native``; emulated, slowly but exactly, where the CPU lacks bfloat16 arithmetic)
+and widened to float32 (``widened``, what a CPU without bfloat16 arithmetic runs).
 """
 
 import os
@@ -48,10 +51,40 @@ def _compiled_text(fn, *args):
     return jax.jit(fn).lower(*args).compile().as_text()
 
 
+# Each case: a dtype, and for bfloat16 the kernels oneDNN computes it on.
+DTYPES = [
+    pytest.param(jnp.float32, None, id="float32"),
+    pytest.param(jnp.bfloat16, True, id="bfloat16-native"),
+    pytest.param(jnp.bfloat16, False, id="bfloat16-widened"),
+]
+
+
+def _pin_bf16(monkeypatch, native):
+    """Has oneDNN compute bfloat16 on its bfloat16 kernels (``native``) or widened to float32
+    (``not native``), whatever this CPU has; ``None`` leaves this CPU's own choice."""
+    if native is not None:
+        monkeypatch.setattr(onednn, "native_bf16", lambda: native)
+
+
+def _custom_calls(text, target):
+    """(result element type, [operand element types]) of each ``target`` custom call in
+    compiled HLO text."""
+    calls = []
+    for line in text.splitlines():
+        if f'custom_call_target="{target}"' in line:
+            result = re.search(r"= (\w+)\[", line).group(1)
+            operands = line.split("operand_layout_constraints={", 1)[1].split("}, api_version")[0]
+            calls.append((result, re.findall(r"(\w+)\[", operands)))
+    return calls
+
+
 @needs_onednn
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype, native", DTYPES)
 @pytest.mark.parametrize("image, kernel_shape, strides, pad, groups", GEOMETRIES)
-def test_forward_and_gradients_match_xla(image, kernel_shape, strides, pad, groups, dtype):
+def test_forward_and_gradients_match_xla(
+    image, kernel_shape, strides, pad, groups, dtype, native, monkeypatch
+):
+    _pin_bf16(monkeypatch, native)
     rng = np.random.default_rng(0)
     kh, kw, features = kernel_shape
     x = jnp.asarray(rng.standard_normal(image), dtype)
@@ -82,9 +115,11 @@ def test_forward_and_gradients_match_xla(image, kernel_shape, strides, pad, grou
     assert _relative_error(d_x, ref_x) <= tolerance
     assert _relative_error(d_kernel, ref_kernel) <= tolerance
 
-    # all three passes are oneDNN's, none XLA's
+    # all three passes are oneDNN's, none XLA's, in bfloat16 or widened to float32
     text = _compiled_text(lambda x, k, g: (ours(x, k), backward(x, k, g)), x, kernel, cotangent)
     assert text.count(onednn.TARGET) == 3 and "convolution(" not in text
+    computed = "bf16" if native else "f32"
+    assert _custom_calls(text, onednn.TARGET) == [(computed, [computed] * 2)] * 3
 
 
 @needs_onednn
@@ -128,10 +163,11 @@ def test_vmap_convolves_each_example():
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_the_network_and_its_gradients_match_xlas_convolutions(dtype):
+@pytest.mark.parametrize("dtype, native", DTYPES)
+def test_the_network_and_its_gradients_match_xlas_convolutions(dtype, native, monkeypatch):
     """The paper's two-tower AlexNet (LRN, grouped conv2/4/5), narrowed: logits and every
     parameter's gradient with oneDNN's convolutions against the same with XLA's."""
+    _pin_bf16(monkeypatch, native)
     images = jax.random.normal(jax.random.PRNGKey(0), (2, 67, 67, 3))
     labels = jnp.array([1, 3])
 
@@ -278,17 +314,24 @@ def test_a_damaged_cached_build_is_built_again(tmp_path):
 @needs_onednn
 @pytest.mark.parametrize("rows, depth, features", [(1, 7, 5), (32, 300, 130), (97, 64, 1000)])
 @pytest.mark.parametrize(
-    "dtype, kernel_dtype",
-    [(jnp.float32, jnp.float32), (jnp.bfloat16, jnp.float32), (jnp.bfloat16, jnp.bfloat16)],
-    ids=["float32", "bfloat16-float32-kernel", "bfloat16"],
+    "dtype, kernel_dtype, native",
+    [
+        pytest.param(jnp.float32, jnp.float32, None, id="float32"),
+        pytest.param(jnp.bfloat16, jnp.float32, True, id="bfloat16-float32-kernel-native"),
+        pytest.param(jnp.bfloat16, jnp.float32, False, id="bfloat16-float32-kernel-widened"),
+        pytest.param(jnp.bfloat16, jnp.bfloat16, True, id="bfloat16-native"),
+        pytest.param(jnp.bfloat16, jnp.bfloat16, False, id="bfloat16-widened"),
+    ],
 )
 def test_products_and_gradients_match_a_float64_reference(
-    rows, depth, features, dtype, kernel_dtype
+    rows, depth, features, dtype, kernel_dtype, native, monkeypatch
 ):
     """``x @ kernel`` and both gradients (``g @ kernel.T``, ``x.T @ g``, read transposed in
     place) against float64 products of the same values: within float32's summation error,
     or one bfloat16 rounding; the kernel's gradient in the kernel's dtype, unrounded for a
-    float32 kernel. All three products are oneDNN's."""
+    float32 kernel. All three products are oneDNN's, bfloat16 ones on its bfloat16 kernels or
+    widened to float32."""
+    _pin_bf16(monkeypatch, native)
     rng = np.random.default_rng(rows)
     x = jnp.asarray(rng.standard_normal((rows, depth)), dtype)
     kernel = jnp.asarray(rng.standard_normal((depth, features)) * 0.2, kernel_dtype)
@@ -310,6 +353,10 @@ def test_products_and_gradients_match_a_float64_reference(
 
     text = _compiled_text(lambda x, k, g: jax.vjp(onednn.matmul, x, k)[1](g), x, kernel, cotangent)
     assert text.count(onednn.MATMUL_TARGET) == 2 and " dot(" not in text
+    operands = "bf16" if native else "f32"
+    results = [operands, "f32" if kernel_dtype == jnp.float32 else operands]  # dx, dkernel
+    calls = _custom_calls(text, onednn.MATMUL_TARGET)
+    assert sorted(calls) == sorted((r, [operands] * 2) for r in results)
     forward = _compiled_text(onednn.matmul, x, kernel)
     assert forward.count(onednn.MATMUL_TARGET) == 1
 
@@ -382,38 +429,42 @@ def test_dense_xla_mode_and_other_platforms_hold_no_custom_call():
 
 
 @needs_onednn
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_packed_kernels_give_the_unpacked_products(dtype):
-    """A kernel packed once (``onednn.pack``, laid out for ``PACK_ROWS`` rows) multiplies any
-    number of rows as the unpacked product does, its features padded or not; under ``vmap``
-    each example in turn."""
+@pytest.mark.parametrize("dtype, native", DTYPES)
+def test_packed_kernels_give_the_unpacked_products(dtype, native, monkeypatch):
+    """A kernel packed once (``onednn.pack``, laid out for ``PACK_ROWS`` rows, in the dtype its
+    products compute in: a bfloat16 kernel widened to float32 where oneDNN's bfloat16 kernels
+    are not native) multiplies any number of rows as the unpacked product does, its features
+    padded or not; under ``vmap`` each example in turn."""
+    _pin_bf16(monkeypatch, native)
     rng = np.random.default_rng(3)
     kernel = jnp.asarray(rng.standard_normal((300, 100)) * 0.2, dtype)
     assert onednn.takes_packing("onednn", kernel)
     packed = onednn.pack(kernel)
-    assert packed.ndim == 1 and packed.dtype == dtype and packed.size >= kernel.size
+    computed = jnp.bfloat16 if native else jnp.float32
+    assert packed.ndim == 1 and packed.dtype == computed and packed.size >= kernel.size
     for rows in (1, onednn.PACK_ROWS, 320):
         x = jnp.asarray(rng.standard_normal((rows, 300)), dtype)
         got = jax.jit(onednn.packed_matmul, static_argnums=2)(x, packed, 100)
         expected = onednn.matmul(x, kernel)
         chex.assert_shape(got, (rows, 100))
-        assert got.dtype == dtype
+        assert got.dtype == computed
         assert _relative_error(got, expected) <= (1e-6 if dtype == jnp.float32 else EPS)
     xs = jnp.asarray(rng.standard_normal((3, 5, 300)), dtype)
-    chex.assert_trees_all_close(
-        jax.vmap(lambda x: onednn.packed_matmul(x, packed, 100))(xs).astype(jnp.float32),
-        jnp.stack([onednn.matmul(x, kernel) for x in xs]).astype(jnp.float32),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    by_example = jax.vmap(lambda x: onednn.packed_matmul(x, packed, 100))(xs).astype(dtype)
+    expected = jnp.stack([onednn.matmul(x, kernel) for x in xs])
+    assert _relative_error(by_example, expected) <= (1e-6 if dtype == jnp.float32 else EPS)
 
 
 @needs_onednn
-@pytest.mark.parametrize("half_precision", [False, True], ids=["float32", "bfloat16"])
-def test_inference_state_packs_the_dense_kernels_and_keeps_the_logits(half_precision):
+@pytest.mark.parametrize("dtype, native", DTYPES)
+def test_inference_state_packs_the_dense_kernels_and_keeps_the_logits(dtype, native, monkeypatch):
     """``steps.inference_state`` packs AlexNet's fc6-fc8 kernels for oneDNN (on this CPU),
     and evaluation logits and 10-crop probabilities stay those of XLA's own products; with
-    ``config.cpu_matmuls="xla"`` nothing is packed, and VGG-11 (``flax.linen.Dense``) never."""
+    ``config.cpu_matmuls="xla"`` nothing is packed, and VGG-11 (``flax.linen.Dense``) never.
+    A network computing in another dtype than the packed kernels' is refused, unless both
+    compute in float32 (bfloat16 widened)."""
+    _pin_bf16(monkeypatch, native)
+    half_precision = dtype == jnp.bfloat16
     config = default_config()
     config.model.variant = "torchvision"
     config.model.width_divisor = 8
@@ -437,10 +488,15 @@ def test_inference_state_packs_the_dense_kernels_and_keeps_the_logits(half_preci
     chex.assert_trees_all_close(
         steps.eval_logits(packed, crops), steps.eval_logits(plain, crops), rtol=0.05, atol=0.05
     )
-    other_dtype = jnp.float32 if half_precision else jnp.bfloat16  # than the packed kernels'
-    with pytest.raises(ValueError, match="cast the parameters before packing"):
-        AlexNet(num_classes=10, variant="torchvision", width_divisor=8,
-                dtype=other_dtype).apply({"params": packed.params}, images)  # fmt: skip
+    packed_dtype = packed.params["fc6"][layers.PACKED_KERNEL].dtype
+    assert packed_dtype == (jnp.bfloat16 if half_precision and native else jnp.float32)
+    other_dtype = jnp.float32 if half_precision else jnp.bfloat16  # than the network's
+    other = AlexNet(num_classes=10, variant="torchvision", width_divisor=8, dtype=other_dtype)
+    if onednn.compute_dtype(other_dtype) != packed_dtype:
+        with pytest.raises(ValueError, match="cast the parameters before packing"):
+            other.apply({"params": packed.params}, images)
+    else:  # bfloat16 widened: both networks' products are float32 ones
+        chex.assert_shape(other.apply({"params": packed.params}, images), (3, 10))
 
     vgg = _with(config, half_precision=False)
     vgg.model.name = "vgg11"

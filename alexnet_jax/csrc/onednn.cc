@@ -446,10 +446,22 @@ ffi::Error MultiplyPacked(ffi::AnyBuffer a, ffi::AnyBuffer packed,
 
 }  // namespace
 
-// 1 when oneDNN convolves and multiplies bfloat16 with kernels of its own on this CPU
-// (AVX512-BF16, AMX, AVX2-VNNI-2); 0 when it would fall back to its reference loops, far
-// slower than XLA's.
-extern "C" int AlexnetOnednnFastBf16() {
+// 1 when this CPU has bfloat16 arithmetic oneDNN uses (AVX512-BF16, which AMX CPUs have too,
+// or AVX2-VNNI-2) and oneDNN's bfloat16 convolution and matmul are kernels of its own there;
+// 0 otherwise. Without those instructions oneDNN still runs bfloat16, but emulated (on an
+// AVX-512 Ice Lake Xeon 2.5-4x slower than its float32 kernels) or in its reference loops, so
+// onednn.py hands it bfloat16 values widened to float32 instead.
+extern "C" int AlexnetOnednnNativeBf16() {
+  auto isa = static_cast<unsigned>(dnnl::get_effective_cpu_isa());
+  // Each ISA's value holds the bits of every ISA it includes.
+  auto has = [isa](dnnl_cpu_isa_t wanted) {
+    return (isa & static_cast<unsigned>(wanted)) == static_cast<unsigned>(wanted);
+  };
+  bool bf16_isa = has(dnnl_cpu_isa_avx512_core_bf16);
+#if DNNL_VERSION_MAJOR > 3 || DNNL_VERSION_MINOR >= 2
+  bf16_isa = bf16_isa || has(dnnl_cpu_isa_avx2_vnni_2);
+#endif
+  if (!bf16_isa) return 0;
   auto native = [](const char* impl) { return std::string(impl).rfind("ref", 0) != 0; };
   try {
     memory::desc x({2, 32, 8, 8}, Type::bf16, Tag::nhwc), y({2, 32, 8, 8}, Type::bf16, Tag::nhwc);
