@@ -299,19 +299,27 @@ def takes(
     return _runs(mode, "cpu_convolutions", shaped)
 
 
+def _handler(target, shape, dtype, a, b, **attributes):
+    """The ``target`` handler on operands ``a`` and ``b`` of one dtype, computed in its
+    ``compute_dtype`` (bfloat16 widened to float32 where the CPU lacks bfloat16 arithmetic),
+    its result ``shape`` in ``dtype``. Under ``vmap`` each example in turn."""
+    compute = compute_dtype(a.dtype)
+    result = jax.ShapeDtypeStruct(shape, compute if compute != a.dtype else dtype)
+    out = jax.ffi.ffi_call(target, result, vmap_method="sequential")(
+        a.astype(compute), b.astype(compute), **attributes
+    )
+    return out.astype(dtype)
+
+
 def _call(which, a, b, result, strides, padding, groups):
-    """Pass ``which`` of the handler (0 forward, 1 input gradient, 2 kernel gradient) of
-    operands of one dtype, computed in ``compute_dtype``, its result shaped and typed as
-    ``result``. Under ``vmap`` each example is convolved in turn."""
+    """Pass ``which`` of the handler (0 forward, 1 input gradient, 2 kernel gradient), its
+    result shaped and typed as ``result``."""
     (top, bottom), (left, right) = padding
-    compute = compute_dtype(a.dtype)  # bfloat16 widened where the CPU lacks it
-    wide = jax.ShapeDtypeStruct(result.shape, compute if compute != a.dtype else result.dtype)
-    out = jax.ffi.ffi_call(TARGET, wide, vmap_method="sequential")(
-        a.astype(compute), b.astype(compute), which=which, stride_h=strides[0],
+    return _handler(
+        TARGET, result.shape, result.dtype, a, b, which=which, stride_h=strides[0],
         stride_w=strides[1], pad_top=top, pad_bottom=bottom, pad_left=left, pad_right=right,
         groups=groups,
     )  # fmt: skip
-    return out.astype(result.dtype)
 
 
 def _output_shape(x, kernel, strides, padding):
@@ -380,20 +388,15 @@ def _as_matrix(shape):
 
 def _multiply(a, b, result_dtype, transpose_a=False, transpose_b=False, result_shape=None):
     """``op(a) @ op(b)`` on oneDNN, ``op`` transposing where asked, each operand read as the
-    matrix of its rows flattened (the handler's ``AsMatrix``); operands of one dtype, computed
-    in ``compute_dtype``; the result in ``result_dtype``, shaped ``result_shape`` (by default
-    the product's ``(rows, columns)``)."""
+    matrix of its rows flattened (the handler's ``AsMatrix``); the result in
+    ``result_dtype``, shaped ``result_shape`` (by default the product's ``(rows, columns)``)."""
     a_rows, a_cols = _as_matrix(a.shape)
     b_rows, b_cols = _as_matrix(b.shape)
     shape = (a_cols if transpose_a else a_rows, b_rows if transpose_b else b_cols)
-    compute = compute_dtype(a.dtype)  # bfloat16 widened where the CPU lacks it
-    wide = compute if compute != a.dtype else result_dtype
-    result = jax.ShapeDtypeStruct(result_shape or shape, wide)
-    out = jax.ffi.ffi_call(MATMUL_TARGET, result, vmap_method="sequential")(
-        a.astype(compute), b.astype(compute), transpose_a=int(transpose_a),
-        transpose_b=int(transpose_b),
+    return _handler(
+        MATMUL_TARGET, result_shape or shape, result_dtype, a, b,
+        transpose_a=int(transpose_a), transpose_b=int(transpose_b),
     )  # fmt: skip
-    return out.astype(result_dtype)
 
 
 @jax.custom_vjp
